@@ -1,0 +1,1 @@
+"""Module-wise Importance SAmpling, the theory: variance, optimal distributions, the sampler (numpy/scipy only)."""

@@ -1,0 +1,1 @@
+"""The reference MISA trainer (PyTorch + transformers); imports misa_theory, never the reverse."""
