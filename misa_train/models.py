@@ -60,12 +60,29 @@ def _finish_tokenizer(tokenizer):
     return tokenizer
 
 
+def _align_special_tokens(tok, model: nn.Module):
+    """Make the tokenizer's eos/pad agree with the model config.
+
+    The GGUF tokenizer conversion labels SmolLM2's ``<|im_start|>`` (id 1) as eos and pad, while the model
+    (and its chat template) ends turns with ``<|im_end|>`` (id 2); training on the wrong eos would teach the
+    model never to stop, so the config's ids win.
+    """
+    cfg = model.config
+    for attr in ("eos_token", "pad_token"):
+        want = getattr(cfg, f"{attr}_id", None)
+        if isinstance(want, list):
+            want = want[0] if want else None
+        if isinstance(want, int) and 0 <= want < len(tok) and getattr(tok, f"{attr}_id") != want:
+            setattr(tok, attr, tok.convert_ids_to_tokens(want))
+    return tok
+
+
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    return model, tok
+    return model, _align_special_tokens(tok, model)
 
 
 def _build_cache(target: Path) -> None:

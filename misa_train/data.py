@@ -1,0 +1,559 @@
+"""Training data: reading files, formatting prompts, tokenising with label masks, and resumable batches.
+
+Pipeline for supervised fine-tuning (task ``sft``)::
+
+    examples = load_examples("train.jsonl")                  # or default_examples(n, seed)
+    train, val = split_examples(examples, val_fraction=0.1, seed=0)
+    enc = encode_sft(tokenizer, train, max_seq_len=256)      # [{"input_ids": [...], "labels": [...]}, ...]
+    batches = Batches(enc, batch_size=4, seed=0, pad_token_id=tokenizer.pad_token_id)
+    batch = next(batches)                                    # input_ids / attention_mask / labels, [B, L]
+
+``labels`` are aligned with ``input_ids`` (the model shifts them: token ``t`` is predicted from ``< t``) and are
+``-100`` on prompt and padding positions, so the loss is the mean NLL of the response tokens only.
+
+Pre-training (task ``pretrain``): ``encode_pretrain`` tokenises the whole text and cuts it into blocks of
+exactly ``max_seq_len`` tokens with every position labelled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+_SCHEMAS = "question/answer, prompt/response (or completion), instruction/input/output, messages, text"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One supervised item: the model sees ``prompt`` (after earlier ``context`` turns) and learns ``response``.
+
+    context: earlier chat turns as ``(role, content)`` pairs (only from ``messages`` records).
+    """
+
+    prompt: str
+    response: str
+    context: tuple[tuple[str, str], ...] = field(default=())
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """Read a JSONL file into ``(line_number, record)`` pairs (1-based lines; blank lines skipped).
+
+    Raises ``ValueError("<path>:<line>: ...")`` on malformed JSON or a line that is not a JSON object.
+    """
+    out: list[tuple[int, dict]] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            out.append((lineno, rec))
+    return out
+
+
+def _text(rec: dict, key: str, where: str) -> str:
+    v = rec[key]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    if not isinstance(v, str):
+        raise ValueError(f"{where}: field '{key}' must be a string, got {type(v).__name__}")
+    return v
+
+
+def record_to_example(rec: dict, where: str = "record") -> Example:
+    """Map one record of a known schema to an ``Example``; ``ValueError`` naming the keys otherwise.
+
+    Schemas: ``question``/``answer`` (GSM8K), ``prompt``/``response`` or ``completion``,
+    ``instruction``/``output`` with optional ``input`` (prompt = instruction + blank line + input), and chat
+    ``messages`` (a list of ``{"role", "content"}`` ending with an assistant turn that follows a user turn).
+    """
+    keys = set(rec)
+    if {"question", "answer"} <= keys:
+        return Example(_text(rec, "question", where), _text(rec, "answer", where))
+    if "prompt" in keys and ({"response", "completion"} & keys):
+        resp_key = "response" if "response" in keys else "completion"
+        return Example(_text(rec, "prompt", where), _text(rec, resp_key, where))
+    if {"instruction", "output"} <= keys:
+        prompt = _text(rec, "instruction", where)
+        extra = _text(rec, "input", where) if rec.get("input") else ""
+        if extra.strip():
+            prompt = f"{prompt}\n\n{extra}"
+        return Example(prompt, _text(rec, "output", where))
+    if "messages" in keys:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in msgs
+        ):
+            raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} string objects")
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant" or msgs[-2]["role"] != "user":
+            raise ValueError(f"{where}: 'messages' must end with a user turn followed by an assistant turn")
+        context = tuple((m["role"], m["content"]) for m in msgs[:-2])
+        return Example(msgs[-2]["content"], msgs[-1]["content"], context)
+    raise ValueError(f"{where}: unknown record schema, keys found: {sorted(keys)}; expected one of {_SCHEMAS}")
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """Read a JSONL file of supervised records (any schema of ``record_to_example``) into ``Example`` s."""
+    return [record_to_example(rec, f"{path}:{lineno}") for lineno, rec in read_jsonl(path)]
+
+
+def load_text(path: str | Path) -> str:
+    """Plain text for pre-training: a ``.txt`` file as is, or a JSONL file's ``text`` fields joined by blank lines."""
+    p = Path(path)
+    if p.suffix in (".jsonl", ".json"):
+        parts = []
+        for lineno, rec in read_jsonl(p):
+            if "text" not in rec:
+                raise ValueError(f"{p}:{lineno}: pretraining needs a 'text' field, keys found: {sorted(rec)}")
+            parts.append(_text(rec, "text", f"{p}:{lineno}"))
+        return "\n\n".join(parts)
+    return p.read_text(encoding="utf-8")
+
+
+def is_text_file(path: str | Path) -> bool:
+    """True for plain-text pre-training files (anything that is not ``.jsonl``/``.json``)."""
+    return Path(path).suffix not in (".jsonl", ".json")
+
+
+# ----------------------------------------------------------------------------------------------- default set
+
+
+def _stepwise(expression: str) -> tuple[list[str], int] | None:
+    """Evaluate ``a op b op c`` (integers, + - *) with precedence, returning the worked steps and the value."""
+    toks = expression.split()
+    if len(toks) % 2 == 0 or not all(re.fullmatch(r"-?\d+", t) for t in toks[::2]):
+        return None
+    nums = [int(t) for t in toks[::2]]
+    ops = toks[1::2]
+    if any(op not in "+-*" for op in ops):
+        return None
+    steps: list[str] = []
+    # Multiplications first (left to right), then additions/subtractions, as a pupil would write them.
+    i = 0
+    while i < len(ops):
+        if ops[i] == "*":
+            val = nums[i] * nums[i + 1]
+            steps.append(f"{nums[i]} * {nums[i + 1]} = {val}")
+            nums[i : i + 2] = [val]
+            del ops[i]
+        else:
+            i += 1
+    acc = nums[0]
+    for op, n in zip(ops, nums[1:], strict=True):
+        new = acc + n if op == "+" else acc - n
+        steps.append(f"{acc} {op} {n} = {new}")
+        acc = new
+    return steps, acc
+
+
+def default_examples(n: int, seed: int = 0, reasoning: bool = True) -> list[Example]:
+    """``n`` short arithmetic problems generated offline with reasoning-gym (``basic_arithmetic``).
+
+    Two or three terms of at most two digits with ``+ - *`` (no division, so answers are integers). With
+    ``reasoning`` the response shows each step and ends ``#### <answer>`` (e.g. ``'4 * 5 = 20. 3 + 20 = 23.
+    #### 23'``), else it is the bare number. Short enough that SmolLM2-135M learns it on CPU in minutes.
+    Deterministic in ``(n, seed)``.
+    """
+    import reasoning_gym
+
+    if n <= 0:
+        return []
+    ds = reasoning_gym.create_dataset(
+        "basic_arithmetic",
+        size=n,
+        seed=seed,
+        min_terms=2,
+        max_terms=3,
+        min_digits=1,
+        max_digits=2,
+        operators=("+", "-", "*"),
+        allow_parentheses=False,
+        allow_negation=False,
+        format_style="natural",
+    )
+    out: list[Example] = []
+    for item in ds:
+        answer = str(item["answer"]).strip()
+        response = answer
+        worked = _stepwise(item.get("metadata", {}).get("expression", ""))
+        if reasoning and worked is not None and str(worked[1]) == answer:
+            response = ". ".join(worked[0]) + f". #### {answer}"
+        elif reasoning:
+            response = f"#### {answer}"
+        out.append(Example(item["question"], response))
+    return out
+
+
+def split_examples(
+    items: list, val_fraction: float, seed: int = 0, n_train: int | None = None, n_val: int | None = None
+) -> tuple[list, list]:
+    """Split by a seeded permutation: the first ``round(val_fraction * N)`` permuted items are validation.
+
+    At least one validation item when ``val_fraction > 0`` and ``N >= 2``. ``n_train``/``n_val`` (None or
+    <= 0 = no cap) then truncate each side. Order within each side follows the permutation.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n = len(items)
+    perm = np.random.default_rng(seed).permutation(n)
+    k = int(round(val_fraction * n))
+    if val_fraction > 0 and n >= 2:
+        k = min(max(k, 1), n - 1)
+    val = [items[i] for i in perm[:k]]
+    train = [items[i] for i in perm[k:]]
+    if n_train is not None and n_train > 0:
+        train = train[:n_train]
+    if n_val is not None and n_val > 0:
+        val = val[:n_val]
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer carries a chat template (then prompts are rendered through it)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _messages(ex: Example) -> list[dict]:
+    return [{"role": r, "content": c} for r, c in ex.context] + [{"role": "user", "content": ex.prompt}]
+
+
+def format_prompt(tokenizer, ex: Example) -> str:
+    """The text the model is conditioned on, identical in training and in generation.
+
+    With a chat template: the context and the prompt as a user turn plus the generation prompt (assistant
+    header). Without: ``"Question: <prompt>\\nAnswer:"`` (earlier turns as ``"<Role>: <content>\\n"``).
+    """
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(_messages(ex), tokenize=False, add_generation_prompt=True)
+    ctx = "".join(f"{r.capitalize()}: {c}\n" for r, c in ex.context)
+    return f"{ctx}Question: {ex.prompt}\nAnswer:"
+
+
+def format_response(tokenizer, ex: Example, prompt_text: str | None = None) -> str:
+    """The text the loss is computed on: the response followed by the end-of-turn marker.
+
+    With a chat template this is exactly what the template appends after the generation prompt (e.g.
+    ``"<answer><|im_end|>\\n"``); otherwise ``" <answer>" + eos``.
+    """
+    if has_chat_template(tokenizer):
+        prompt_text = prompt_text if prompt_text is not None else format_prompt(tokenizer, ex)
+        full = tokenizer.apply_chat_template(
+            _messages(ex) + [{"role": "assistant", "content": ex.response}], tokenize=False
+        )
+        if full.startswith(prompt_text):
+            return full[len(prompt_text) :]
+        # Templates that rewrite earlier turns (e.g. strip reasoning) break the prefix property.
+        return ex.response + (tokenizer.eos_token or "")
+    return " " + ex.response + (tokenizer.eos_token or "")
+
+
+def encode_prompt(tokenizer, ex: Example) -> list[int]:
+    """Token ids of ``format_prompt`` (the same ids ``encode_sft`` puts before the response)."""
+    # A chat template writes its own special tokens; plain prompts get the tokenizer's (e.g. BOS).
+    add_special = not has_chat_template(tokenizer)
+    return tokenizer(format_prompt(tokenizer, ex), add_special_tokens=add_special)["input_ids"]
+
+
+def encode_sft(
+    tokenizer, examples: list[Example], max_seq_len: int, stats: dict | None = None
+) -> list[dict[str, list[int]]]:
+    """Tokenise ``prompt + response`` with labels ``-100`` on the prompt.
+
+    For each example: ``input_ids = p + r`` (``p`` = prompt ids, ``r`` = response ids, tokenised
+    separately so the prompt ids match generation exactly) and ``labels = [-100] * len(p) + r``.
+    Sequences over ``max_seq_len`` are cut from the right; an example with no response token left is dropped.
+    One warning reports the counts; ``stats`` (if given) receives ``truncated``, ``dropped``, ``kept``.
+    """
+    out: list[dict[str, list[int]]] = []
+    truncated = dropped = 0
+    for ex in examples:
+        p_text = format_prompt(tokenizer, ex)
+        p = encode_prompt(tokenizer, ex)
+        r = tokenizer(format_response(tokenizer, ex, p_text), add_special_tokens=False)["input_ids"]
+        ids = p + r
+        labels = [IGNORE_INDEX] * len(p) + list(r)
+        if len(ids) > max_seq_len:
+            truncated += 1
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            # Position 0 is never predicted (labels shift by one), so it cannot carry the loss alone.
+            if all(x == IGNORE_INDEX for x in labels[1:]):
+                dropped += 1
+                continue
+        out.append({"input_ids": ids, "labels": labels})
+    if truncated:
+        warnings.warn(
+            f"{truncated} of {len(examples)} examples longer than max_seq_len={max_seq_len} were truncated"
+            + (f"; {dropped} dropped (no answer tokens left)" if dropped else ""),
+            stacklevel=2,
+        )
+    if stats is not None:
+        stats.update(truncated=truncated, dropped=dropped, kept=len(out))
+    return out
+
+
+def encode_pretrain(tokenizer, text: str, max_seq_len: int, chunk_chars: int = 1 << 16) -> list[dict]:
+    """Tokenise ``text`` and cut it into ``floor(N / max_seq_len)`` blocks of exactly ``max_seq_len`` tokens.
+
+    Every position is labelled (``labels == input_ids``); the tail shorter than a block is dropped. The text
+    is tokenised in paragraph-aligned chunks of about ``chunk_chars`` characters, which keeps the tokenizer
+    fast and quiet about long inputs (tokens never straddle a blank line anyway).
+    """
+    pieces: list[str] = []
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + chunk_chars)
+        if end < len(text):
+            cut = text.rfind("\n\n", start, end)
+            end = cut + 2 if cut > start else end
+        pieces.append(text[start:end])
+        start = end
+    ids: list[int] = []
+    if pieces:
+        for chunk in tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"]:
+            ids.extend(chunk)
+    n_blocks = len(ids) // max_seq_len
+    return [
+        {"input_ids": ids[i * max_seq_len : (i + 1) * max_seq_len],
+         "labels": ids[i * max_seq_len : (i + 1) * max_seq_len]}
+        for i in range(n_blocks)
+    ]
+
+
+def pack_examples(encoded: list[dict], max_seq_len: int) -> list[dict]:
+    """Greedy packing: concatenate consecutive encoded examples into rows of at most ``max_seq_len`` tokens.
+
+    Label masks are kept per example. Attention is *not* blocked between packed examples (a plain causal mask
+    is used), which is the usual cheap approximation; a row holds whole examples only.
+    """
+    rows: list[dict] = []
+    cur_ids: list[int] = []
+    cur_labels: list[int] = []
+    for e in encoded:
+        if cur_ids and len(cur_ids) + len(e["input_ids"]) > max_seq_len:
+            rows.append({"input_ids": cur_ids, "labels": cur_labels})
+            cur_ids, cur_labels = [], []
+        cur_ids = cur_ids + list(e["input_ids"])
+        # The first token of a packed example is predicted from the previous example: never a target.
+        cur_labels = cur_labels + [IGNORE_INDEX] + list(e["labels"][1:]) if cur_labels else list(e["labels"])
+    if cur_ids:
+        rows.append({"input_ids": cur_ids, "labels": cur_labels})
+    return rows
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence a model config supports (``max_position_embeddings`` / ``n_positions``)."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_seq_len(max_seq_len: int, config) -> None:
+    """``ValueError`` when ``max_seq_len`` exceeds the model's position limit (no check if it has none)."""
+    limit = max_positions(getattr(config, "config", config))
+    if limit is not None and max_seq_len > limit:
+        raise ValueError(f"max_seq_len={max_seq_len} is longer than the model supports ({limit} positions)")
+
+
+# ----------------------------------------------------------------------------------------------- batching
+
+
+def collate(
+    items: list[dict], pad_token_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Pad a list of encoded examples to ``[B, L]`` tensors, ``L`` = longest item.
+
+    ``attention_mask`` is 1 on real tokens; ``labels`` are ``-100`` on padding (and wherever the item had
+    -100). ``padding_side`` "right" for training, "left" for generation.
+    """
+    L = max(len(e["input_ids"]) for e in items)
+    B = len(items)
+    ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(items):
+        n = len(e["input_ids"])
+        sl = slice(0, n) if padding_side == "right" else slice(L - n, L)
+        ids[i, sl] = torch.tensor(e["input_ids"], dtype=torch.long)
+        mask[i, sl] = 1
+        labels[i, sl] = torch.tensor(e.get("labels", e["input_ids"]), dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class Batches:
+    """Deterministic, resumable stream of padded batches over encoded examples.
+
+    Epoch ``e`` visits every example once, in an order that depends only on ``(seed, e)``: a permutation from
+    ``numpy.random.default_rng([seed, e])`` (identity when ``shuffle=False``); with ``bucket`` the permuted
+    list is cut into mega-batches of ``batch_size * mega_batches`` items, each sorted by length (longest
+    first) before being cut into batches, and the batches are then shuffled, so padding is small and the
+    order still random. ``len(self)`` = ``ceil(N / batch_size)`` batches per epoch.
+
+    ``next(b)`` is an endless stream across epochs; ``state_dict() = {"epoch", "position"}`` (position =
+    batches already taken in that epoch) restores it exactly. ``iter(b)`` is that same stream when
+    ``repeat`` is True, and a fresh single pass over epoch 0 when ``repeat`` is False (for evaluation).
+    """
+
+    def __init__(
+        self,
+        examples: list[dict],
+        batch_size: int,
+        seed: int = 0,
+        pad_token_id: int = 0,
+        shuffle: bool = True,
+        bucket: bool = True,
+        mega_batches: int = 50,
+        repeat: bool = True,
+        padding_side: str = "right",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not examples:
+            raise ValueError("Batches needs at least one example")
+        self.examples = examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_token_id = pad_token_id
+        self.shuffle = shuffle
+        self.bucket = bucket
+        self.mega_batches = mega_batches
+        self.repeat = repeat
+        self.padding_side = padding_side
+        self.epoch = 0
+        self.position = 0
+        self._order_cache: tuple[int, list[list[int]]] | None = None
+
+    def __len__(self) -> int:
+        return -(-len(self.examples) // self.batch_size)
+
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """The example indices of every batch of ``epoch``, in visiting order."""
+        if self._order_cache is not None and self._order_cache[0] == epoch:
+            return self._order_cache[1]
+        n = len(self.examples)
+        rng = np.random.default_rng([self.seed, epoch])
+        idx = rng.permutation(n).tolist() if self.shuffle else list(range(n))
+        bs = self.batch_size
+        if self.bucket:
+            mega = bs * max(1, self.mega_batches)
+            batches: list[list[int]] = []
+            for s in range(0, n, mega):
+                chunk = sorted(idx[s : s + mega], key=lambda i: -len(self.examples[i]["input_ids"]))
+                batches += [chunk[j : j + bs] for j in range(0, len(chunk), bs)]
+            if self.shuffle:
+                batches = [batches[i] for i in rng.permutation(len(batches))]
+        else:
+            batches = [idx[j : j + bs] for j in range(0, n, bs)]
+        self._order_cache = (epoch, batches)
+        return batches
+
+    def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return collate([self.examples[i] for i in indices], self.pad_token_id, self.padding_side)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        order = self.epoch_order(self.epoch)
+        if self.position >= len(order):
+            self.epoch += 1
+            self.position = 0
+            order = self.epoch_order(self.epoch)
+        batch = self._collate(order[self.position])
+        self.position += 1
+        return batch
+
+    def __iter__(self):
+        if self.repeat:
+            return self
+        return (self._collate(b) for b in self.epoch_order(0))
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "position", "seed"}``: JSON-serialisable."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at ``(epoch, position)``; the next batch equals the one the saved stream would give."""
+        if "seed" in state and int(state["seed"]) != self.seed:
+            raise ValueError(f"data seed mismatch: saved {state['seed']}, this stream uses {self.seed}")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+
+
+# ----------------------------------------------------------------------------------------------- one call
+
+
+@dataclass
+class DataBundle:
+    """Everything the trainer needs: encoded train/val sets and the raw validation items for generation."""
+
+    train: list[dict]
+    val: list[dict]
+    val_examples: list[Example]
+    task: str
+    stats: dict = field(default_factory=dict)
+
+
+def prepare_data(
+    data: str | None,
+    tokenizer,
+    task: str = "sft",
+    max_seq_len: int = 256,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    n_train: int = 320,
+    n_val: int = 64,
+    model_config=None,
+    pack: bool = False,
+) -> DataBundle:
+    """Load, split and encode a data source.
+
+    data None: ``n_train + n_val`` generated arithmetic items (``default_examples``; seed ``seed``), split
+    exactly into those sizes. A JSONL file: split by ``val_fraction`` (``n_train``/``n_val`` do not cap a
+    file). ``task="pretrain"``: text (``.txt`` or JSONL ``text``) cut into blocks, blocks split by
+    ``val_fraction``; ``val_examples`` is then empty. ``model_config`` enables the position-limit check.
+    """
+    if model_config is not None:
+        check_seq_len(max_seq_len, model_config)
+    stats: dict = {}
+    if task == "pretrain":
+        if data is None:
+            raise ValueError("task 'pretrain' needs a data file (plain text or JSONL with 'text')")
+        blocks = encode_pretrain(tokenizer, load_text(data), max_seq_len)
+        if len(blocks) < 2:
+            raise ValueError(f"{data}: too little text for two blocks of max_seq_len={max_seq_len} tokens")
+        train, val = split_examples(blocks, val_fraction, seed)
+        stats.update(blocks=len(blocks))
+        return DataBundle(train, val, [], task, stats)
+    if task != "sft":
+        raise ValueError(f"task must be 'sft' or 'pretrain', got {task!r}")
+    if data is None:
+        examples = default_examples(n_train + n_val, seed)
+        val_ex, train_ex = examples[:n_val], examples[n_val:]
+    else:
+        if is_text_file(data):
+            raise ValueError(f"{data}: task 'sft' needs a JSONL file ({_SCHEMAS}); use task 'pretrain' for text")
+        train_ex, val_ex = split_examples(load_examples(data), val_fraction, seed)
+    train = encode_sft(tokenizer, train_ex, max_seq_len, stats)
+    val = encode_sft(tokenizer, val_ex, max_seq_len)
+    if pack:
+        train = pack_examples(train, max_seq_len)
+    if not train:
+        raise ValueError("no training examples left after encoding")
+    return DataBundle(train, val, val_ex, task, stats)
