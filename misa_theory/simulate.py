@@ -1,0 +1,345 @@
+r"""Block-coordinate Adam on a synthetic :class:`~misa_theory.problems.Problem`, exactly as the trainer runs it.
+
+Definitions (used consistently by the rate check, the CLI, the notebooks and docs/simulator.md)
+-----------------------------------------------------------------------------------------------
+*Block update* k = 0, …, K−1 is ONE period: one draw B_k = ``sampler.draw()`` followed by T inner Adam
+steps on the coordinates of B_k only,
+
+    for t = 0..T−1:  g_t = ∇f(θ_{k,t}) + ξ_t         (ξ_t ~ N(0, σ² diag(noise_std²)), E‖ξ_t‖² = σ²)
+                     m ← β₁m + (1−β₁)g_t,  v ← β₂v + (1−β₂)g_t²      (on B_k's coordinates)
+                     θ_{k,t+1} = θ_{k,t} − α · m̂/(√v̂ + ε),  m̂ = m/(1−β₁^c), v̂ = v/(1−β₂^c)
+
+with c the step count of that coordinate's state.  Optimizer state is zeroed on every switch (c restarts at
+0); with ``keep_state`` a module drawn in two consecutive periods keeps (m, v, c), as the authors' code does.
+With ``momentum_flush`` the period ends with θ ← θ − α·β₁/(1−β₁)·m̂/(√v̂+ε) on B_k (the paper's flush of the
+momentum that would otherwise be lost).  Then ``sampler.observe(B_k, (1/T)Σ_t ‖g_{t,b}‖²)`` feeds the
+*stochastic* squared norms of the active modules (what the trainer sees), and θ_{k+1} = θ_{k,T}.
+
+K is the number of block updates (so K·T gradient evaluations), and the recorded quantity is
+‖∇f(θ_k)‖² for k = 0..K (K+1 values, exact gradient, measured at the start of each period at no extra cost:
+the first inner step's exact gradient is the one that is noised).  The rate check uses
+(1/K)Σ_{k<K}‖∇f(θ_k)‖² and min_{k≤K}‖∇f(θ_k)‖².
+
+Baselines: ``adam`` is full Adam (every module active, state never reset, no flush), ``sgd`` full SGD with
+step α_sgd; each of their "block updates" is also T steps, so all rules spend the same number of
+gradient evaluations per block update (the sampled rules touch only ⌊δN⌋ parameters of them).
+
+Vectorisation: all seeds advance together as arrays of shape (S, n); only ``draw``/``observe`` are per seed
+(one :class:`~misa_theory.sampler.ModuleSampler` per seed, seeded ``seed·1000 + s``).  The active
+coordinates of all seeds are gathered into one flat index per period, so the Adam arithmetic and the noise
+cost O(S·δ·n) per step; the gradient itself is evaluated densely.  Deterministic under ``seed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .problems import Problem
+from .sampler import RULES, ModuleSampler
+
+__all__ = ["ALL_RULES", "BASELINES", "SimConfig", "SimResult", "simulate", "run_rules", "alpha_for",
+           "summarize", "rate_fit", "RateFit", "block_updates_to_target"]
+
+#: Baselines without a sampler.
+BASELINES: tuple[str, ...] = ("adam", "sgd")
+#: Every rule the simulator runs: the sampler's rules, then the full-parameter baselines.
+ALL_RULES: tuple[str, ...] = tuple(RULES) + BASELINES
+
+
+def alpha_for(K: int, alpha0: float) -> float:
+    """Step size of the theory, α = α₀/√K, for a run of K block updates."""
+    if K <= 0:
+        raise ValueError(f"K must be positive, got {K}")
+    return float(alpha0) / float(np.sqrt(K))
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Hyper-parameters of one run (α is absolute; use :func:`alpha_for` for α₀/√K).
+
+    delta: budget fraction δ ∈ (0, 1]; T: inner steps per block update; sigma: total noise std σ
+    (E‖ξ‖² = σ²); eta: softmax temperature η ≥ 0 of ``misa``; ema_beta: score EMA β; beta1, beta2, eps:
+    Adam's; sgd_alpha: step of the ``sgd`` baseline (default = α); min_inclusion: sampler floor on π.
+    """
+
+    alpha: float = 0.01
+    T: int = 5
+    delta: float = 0.25
+    sigma: float = 0.0
+    eta: float = 1.0
+    ema_beta: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    keep_state: bool = False
+    momentum_flush: bool = False
+    sgd_alpha: float | None = None
+    min_inclusion: float = 0.0
+    explore: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not (0.0 < self.delta <= 1.0):
+            raise ValueError(f"delta must lie in (0, 1], got {self.delta}")
+        if self.T < 1:
+            raise ValueError(f"T must be ≥ 1, got {self.T}")
+        if not (self.alpha > 0 and np.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be ≥ 0, got {self.sigma}")
+        if not (self.eta >= 0 and np.isfinite(self.eta)):
+            raise ValueError(f"eta must be ≥ 0, got {self.eta}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("beta1 and beta2 must lie in [0, 1)")
+
+
+@dataclass
+class SimResult:
+    """Outcome of one rule: ``grad_sq`` (K+1, S) = ‖∇f(θ_k)‖² per block update and seed.
+
+    ``inclusion_counts`` (S, M): how often each module was active; ``draws``: the active sets of seed 0
+    (only with ``record_draws``); ``target_pi``: (K, M) the sampler's π for seed 0 before each draw (only
+    with ``record_draws``); ``f_final`` (S,) the objective at θ_K.
+    """
+
+    rule: str
+    grad_sq: np.ndarray
+    f_final: np.ndarray
+    inclusion_counts: np.ndarray
+    draws: list[np.ndarray] = field(default_factory=list)
+    target_pi: np.ndarray | None = None
+
+    @property
+    def K(self) -> int:
+        """Number of block updates run."""
+        return self.grad_sq.shape[0] - 1
+
+    def avg_grad_sq(self) -> np.ndarray:
+        """(1/K)Σ_{k<K}‖∇f(θ_k)‖² per seed, shape (S,)."""
+        return self.grad_sq[:-1].mean(axis=0)
+
+    def min_grad_sq(self) -> np.ndarray:
+        """min_{k≤K}‖∇f(θ_k)‖² per seed, shape (S,)."""
+        return self.grad_sq.min(axis=0)
+
+
+class _Layout:
+    """Flat coordinate indices of every (seed, module) pair, so an active set becomes one gather index."""
+
+    def __init__(self, problem: Problem, n_seeds: int) -> None:
+        self.n = problem.n_params
+        self.sizes = problem.sizes
+        self.coords = [np.arange(a, b, dtype=np.int64) for a, b in zip(problem.offsets[:-1], problem.offsets[1:],
+                                                                        strict=True)]
+
+    def gather(self, active: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For per-seed module lists, return (flat coordinate index into (S·n), seed of each selected module,
+        module id of each selected module, start of each selected module's run in the flat index)."""
+        parts, seeds, mods = [], [], []
+        for s, idx in enumerate(active):
+            base = s * self.n
+            parts.extend(self.coords[b] + base for b in idx.tolist())
+            seeds.append(np.full(idx.size, s, dtype=np.int64))
+            mods.append(idx)
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty, empty
+        sel_mod = np.concatenate(mods)
+        starts = np.concatenate([[0], np.cumsum(self.sizes[sel_mod])[:-1]]).astype(np.int64)
+        return np.concatenate(parts), np.concatenate(seeds), sel_mod, starts
+
+
+def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, seed: int = 0,
+             record_draws: bool = False, progress: Callable[[int], None] | None = None) -> SimResult:
+    """Run K block updates of ``rule`` on ``problem`` for ``n_seeds`` seeds at once (see module docstring).
+
+    Args:
+        problem: the objective (θ ∈ R^n, M modules).
+        rule: one of :data:`ALL_RULES`.
+        K: number of block updates (periods of T steps).
+        n_seeds: S, independent runs (different noise and sampler seeds, same θ₀).
+        cfg: hyper-parameters (α absolute).
+        seed: base seed; the noise Generator is seeded (seed, rule index), sampler s with seed·1000 + s.
+        record_draws: keep seed 0's active sets and target π (for heatmaps; memory K·M).
+        progress: called with the number of block updates just finished (for a progress bar).
+
+    Returns:
+        :class:`SimResult` with grad_sq of shape (K+1, S).
+    """
+    if rule not in ALL_RULES:
+        raise ValueError(f"rule must be one of {', '.join(ALL_RULES)}; got {rule!r}")
+    if K <= 0:
+        raise ValueError(f"K must be positive, got {K}")
+    if n_seeds <= 0:
+        raise ValueError(f"n_seeds must be positive, got {n_seeds}")
+    cfg.validate()
+    S, n, M = n_seeds, problem.n_params, problem.n_modules
+    rng = np.random.default_rng([seed, ALL_RULES.index(rule)])
+    theta = problem.x0(S).astype(np.float64)
+    flat = theta.reshape(-1)
+    noise_std = np.tile(problem.noise_std, S)
+    layout = _Layout(problem, S)
+    b1, b2, eps, T = cfg.beta1, cfg.beta2, cfg.eps, cfg.T
+
+    full = rule in BASELINES
+    samplers = [] if full else [
+        ModuleSampler(problem.sizes, problem.groups, delta=cfg.delta, rule=rule, seed=seed * 1000 + s,
+                      eta=cfg.eta, ema_beta=cfg.ema_beta, min_inclusion=cfg.min_inclusion, explore=cfg.explore)
+        for s in range(S)
+    ]
+    all_modules = np.arange(M, dtype=np.int64)
+    keep = cfg.keep_state or rule == "adam"
+    if keep:  # persistent state, read back for modules that stay active
+        m_full, v_full = np.zeros(S * n), np.zeros(S * n)
+        c1_full, c2_full = np.ones(S * n), np.ones(S * n)  # β₁^c, β₂^c per coordinate
+        prev = np.zeros((S, M), dtype=bool)
+    step = cfg.alpha if rule != "sgd" else (cfg.sgd_alpha if cfg.sgd_alpha is not None else cfg.alpha)
+    flush = cfg.momentum_flush and not full
+
+    grad_sq = np.empty((K + 1, S))
+    counts = np.zeros((S, M), dtype=np.int64)
+    draws: list[np.ndarray] = []
+    target_pi = np.empty((K, M)) if record_draws and not full else None
+    cached = None  # (index arrays) of the full baseline, which never changes its active set
+
+    for k in range(K):
+        if full:
+            active = [all_modules] * S
+            if cached is None:
+                cached = layout.gather(active)
+            act, sel_seed, sel_mod, starts = cached
+        else:
+            if target_pi is not None:
+                target_pi[k] = samplers[0].target_inclusion()
+            active = [smp.draw() for smp in samplers]
+            act, sel_seed, sel_mod, starts = layout.gather(active)
+        if record_draws:
+            draws.append(active[0])
+        counts[sel_seed, sel_mod] += 1
+
+        if keep and act.size:
+            stay = np.repeat(prev[sel_seed, sel_mod], problem.sizes[sel_mod])
+            m = np.where(stay, m_full[act], 0.0)
+            v = np.where(stay, v_full[act], 0.0)
+            c1 = np.where(stay, c1_full[act], 1.0)
+            c2 = np.where(stay, c2_full[act], 1.0)
+        else:
+            m, v = np.zeros(act.size), np.zeros(act.size)
+            c1, c2 = 1.0, 1.0
+        sq_acc = np.zeros(sel_mod.size)
+
+        for t in range(T):
+            g_full = problem.grad(theta)
+            if t == 0:
+                grad_sq[k] = np.einsum("sn,sn->s", g_full, g_full)
+            if act.size == 0:
+                continue
+            g = g_full.reshape(-1)[act]
+            if cfg.sigma > 0:
+                g += (cfg.sigma * noise_std[act]) * rng.standard_normal(act.size)
+            sq_acc += np.add.reduceat(g * g, starts)
+            if rule == "sgd":
+                flat[act] -= step * g
+                continue
+            m = b1 * m + (1.0 - b1) * g
+            v = b2 * v + (1.0 - b2) * (g * g)
+            c1 = c1 * b1
+            c2 = c2 * b2
+            flat[act] -= step * (m / (1.0 - c1)) / (np.sqrt(v / (1.0 - c2)) + eps)
+
+        if act.size and rule != "sgd":
+            if flush:
+                flat[act] -= step * b1 / (1.0 - b1) * (m / (1.0 - c1)) / (np.sqrt(v / (1.0 - c2)) + eps)
+            if keep:
+                m_full[act], v_full[act] = m, v
+                c1_full[act], c2_full[act] = c1, c2
+                prev[:] = False
+                prev[sel_seed, sel_mod] = True
+        if not full and sel_mod.size:
+            obs = sq_acc / T
+            bounds = np.searchsorted(sel_seed, np.arange(S + 1))
+            for s, smp in enumerate(samplers):
+                lo, hi = bounds[s], bounds[s + 1]
+                if hi > lo:
+                    smp.observe(sel_mod[lo:hi], obs[lo:hi])
+        if progress is not None:
+            progress(1)
+
+    grad_sq[K] = problem.grad_sq(theta)
+    return SimResult(rule, grad_sq, problem.f(theta), counts, draws, target_pi)
+
+
+def run_rules(problem: Problem, rules: Sequence[str], K: int, n_seeds: int, cfg: SimConfig, seed: int = 0,
+              progress: Callable[[int], None] | None = None, record_draws: bool = False) -> dict[str, SimResult]:
+    """:func:`simulate` for each rule with the same problem, seeds and config; returns {rule: result}."""
+    return {r: simulate(problem, r, K, n_seeds, cfg, seed, record_draws=record_draws, progress=progress)
+            for r in rules}
+
+
+def summarize(res: SimResult) -> dict[str, float]:
+    """Seed statistics of a run: mean, std (ddof=1) and standard error over seeds of the average and the
+    minimum squared gradient norm, plus the mean final objective."""
+    out: dict[str, float] = {"K": res.K, "seeds": int(res.grad_sq.shape[1])}
+    for key, vals in (("avg_grad_sq", res.avg_grad_sq()), ("min_grad_sq", res.min_grad_sq())):
+        sd = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
+        out[key] = float(vals.mean())
+        out[key + "_std"] = sd
+        out[key + "_stderr"] = sd / float(np.sqrt(vals.size))
+    out["final_grad_sq"] = float(res.grad_sq[-1].mean())
+    out["f_final"] = float(res.f_final.mean())
+    return out
+
+
+@dataclass(frozen=True)
+class RateFit:
+    """Log-log fit of y(K) = C·K^slope over horizons K (y averaged over seeds).
+
+    slope with a 95% interval [lo, hi] (bootstrap over seeds, percentile), the linregress standard error,
+    C_fit = exp(intercept) and C_half = max_K y(K)·√K (the constant in y ≤ C/√K over the measured range);
+    ``covered`` = lo ≤ −1/2 (the fitted rate is at least as fast as 1/√K within the interval).
+    """
+
+    slope: float
+    lo: float
+    hi: float
+    stderr: float
+    C_fit: float
+    C_half: float
+    covered: bool
+    Ks: tuple[int, ...]
+    y: tuple[float, ...]
+
+
+def rate_fit(Ks: Sequence[int], per_seed: Sequence[np.ndarray], n_boot: int = 2000, seed: int = 0) -> RateFit:
+    """Fit log mean_s y_s(K) = log C + slope·log K; ``per_seed[i]`` holds y over seeds at horizon ``Ks[i]``.
+
+    The bootstrap resamples seed indices (the same resample at every K, since seed s at horizon K and at K'
+    share the sampler seed) and refits, giving the 2.5/97.5% percentiles of the slope.
+    """
+    from scipy.stats import linregress
+
+    Ks_arr = np.asarray(Ks, dtype=float)
+    Y = np.stack([np.asarray(y, dtype=float) for y in per_seed])  # (nK, S)
+    x = np.log(Ks_arr)
+    fit = linregress(x, np.log(Y.mean(axis=1)))
+    rng = np.random.default_rng(seed)
+    S = Y.shape[1]
+    picks = rng.integers(0, S, size=(n_boot, S))
+    ym = np.log(Y[:, picks].mean(axis=2))  # (nK, n_boot)
+    xc = x - x.mean()
+    slopes = (xc @ (ym - ym.mean(axis=0))) / (xc @ xc)
+    lo, hi = np.percentile(slopes, [2.5, 97.5])
+    y = Y.mean(axis=1)
+    return RateFit(float(fit.slope), float(lo), float(hi), float(fit.stderr), float(np.exp(fit.intercept)),
+                   float(np.max(y * np.sqrt(Ks_arr))), bool(lo <= -0.5), tuple(int(k) for k in Ks),
+                   tuple(float(v) for v in y))
+
+
+def block_updates_to_target(grad_sq: np.ndarray, target: float) -> np.ndarray:
+    """First k with ‖∇f(θ_k)‖² ≤ target, per seed (shape (S,)); K+1 where never reached (censored)."""
+    hit = grad_sq <= target
+    first = np.argmax(hit, axis=0)
+    return np.where(hit.any(axis=0), first, grad_sq.shape[0]).astype(np.int64)
