@@ -191,11 +191,12 @@ def tiny_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     max_position_embeddings: int = 256,
+    tie_word_embeddings: bool = True,
 ) -> nn.Module:
     """Random-initialised causal LM of a real architecture at toy size (a few hundred thousand parameters).
 
     arch in ``TINY_ARCHS``. Llama-like configs use 4 heads (2 KV heads: grouped-query attention), an MLP of
-    width ``2 * hidden_size`` and tied embeddings; GPT-2 uses its Conv1D blocks. Deterministic in ``seed``.
+    width ``2 * hidden_size`` and (by default) tied embeddings; GPT-2 uses its Conv1D blocks. Deterministic in ``seed``.
     """
     from transformers import (
         AutoModelForCausalLM,
@@ -214,7 +215,7 @@ def tiny_model(
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=2,
@@ -234,7 +235,7 @@ def tiny_model(
             n_layer=num_layers,
             n_head=4,
             n_positions=max_position_embeddings,
-            tie_word_embeddings=True,
+            tie_word_embeddings=tie_word_embeddings,
             pad_token_id=0,
             eos_token_id=1,
             bos_token_id=2,
