@@ -1,0 +1,234 @@
+r"""Budgeted inclusion probabilities: the variance optimum, the paper's softmax, and their closed forms.
+
+The design problem (module-wise; see proofs/02_kkt.md):
+
+    minimise   V(π) = Σ_b a_b (1/π_b − 1)
+    subject to Σ_b π_b n_b ≤ B,   floor ≤ π_b ≤ 1,
+
+with a_b ≥ 0 squared gradient norms, n_b > 0 module sizes (parameters) and B the parameter budget.
+KKT gives π_b = clip(√(a_b/(λ n_b)), floor, 1) with λ ≥ 0 fixed by the budget, found here exactly by
+water-filling over the piecewise-linear map μ = λ^{-1/2} ↦ Σ_b n_b π_b(μ) in O(B log B).
+
+Layer-wise designs constrain π constant within a layer l; the problem is then the same one over layers
+with A_l = Σ_{b∈l} a_b and N_l = Σ_{b∈l} n_b.  Uncapped optima: module-wise (Σ_b √(a_b n_b))²/B − Σa,
+layer-wise (Σ_l √(A_l N_l))²/B − Σa; Cauchy–Schwarz, Σ_{b∈l} √(a_b n_b) ≤ √(A_l N_l), orders them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validate import as_vector, group_ids, nonnegative, positive, same_length
+
+
+def _check_budget(budget: float, sizes: np.ndarray, floor: float) -> float:
+    b = float(budget)
+    if not np.isfinite(b) or b <= 0:
+        raise ValueError(f"budget must be a positive number of parameters, got {budget!r}")
+    if b < sizes.min():
+        raise ValueError(f"budget ({b:g}) is smaller than the smallest module ({sizes.min():g} parameters)")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must lie in [0, 1], got {floor!r}")
+    if floor * sizes.sum() > b * (1 + 1e-12):
+        raise ValueError(f"floor={floor:g} needs {floor * sizes.sum():g} parameters, more than the budget {b:g}")
+    return b
+
+
+def waterfill(rates: np.ndarray, sizes: np.ndarray, budget: float, floor: float = 0.0) -> np.ndarray:
+    r"""Solve Σ_u N_u·clip(μ r_u, floor, 1) = budget for μ ≥ 0 and return π_u = clip(μ r_u, floor, 1).
+
+    ``rates`` r_u ≥ 0 and ``sizes`` N_u > 0 have shape (U,).  Units with r_u = 0 stay at ``floor``.
+    If even μ → ∞ cannot spend the budget (Σ N_u ≤ budget, or zero-rate units hold the rest),
+    the maximal π is returned.  The map is continuous, piecewise linear and non-decreasing in μ with
+    breakpoints floor/r_u and 1/r_u, so sorting the 2U breakpoints and one linear solve give μ exactly.
+    """
+    r = np.asarray(rates, dtype=np.float64)
+    n = np.asarray(sizes, dtype=np.float64)
+    pi = np.full(r.shape, floor, dtype=np.float64)
+    pos = r > 0
+    if n.sum() <= budget:
+        pi[pos] = 1.0
+        return pi
+    if not pos.any():
+        return pi
+    rp, nphere = r[pos], n[pos]
+    mu = _active_set_mu(rp, nphere, budget - floor * n[~pos].sum(), floor)
+    if mu is not None:
+        pi[pos] = np.clip(mu * rp, floor, 1.0)
+        return pi
+    lo, hi = floor / rp, 1.0 / rp
+    o_lo, o_hi = np.argsort(lo, kind="stable"), np.argsort(hi, kind="stable")
+    lo_s, hi_s = lo[o_lo], hi[o_hi]
+    cum_n_lo = np.concatenate(([0.0], np.cumsum(nphere[o_lo])))
+    cum_nr_lo = np.concatenate(([0.0], np.cumsum(nphere[o_lo] * rp[o_lo])))
+    cum_n_hi = np.concatenate(([0.0], np.cumsum(nphere[o_hi])))
+    cum_nr_hi = np.concatenate(([0.0], np.cumsum(nphere[o_hi] * rp[o_hi])))
+    fixed = floor * n[~pos].sum()
+    total_pos = nphere.sum()
+
+    def coefficients(mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # f(μ) = c0 + c1·μ on the segment that starts at μ (sets change only at breakpoints)
+        started = np.searchsorted(lo_s, mu, side="right")
+        capped = np.searchsorted(hi_s, mu, side="right")
+        c0 = fixed + floor * (total_pos - cum_n_lo[started]) + cum_n_hi[capped]
+        c1 = cum_nr_lo[started] - cum_nr_hi[capped]
+        return c0, c1
+
+    cand = np.sort(np.concatenate((lo_s, hi_s)))
+    c0, c1 = coefficients(cand)
+    f = c0 + c1 * cand
+    k = int(np.searchsorted(f, budget, side="left"))
+    if k >= cand.size:
+        mu = cand[-1]
+    elif k == 0:
+        mu = cand[0]
+    else:
+        a0, a1 = c0[k - 1], c1[k - 1]
+        mu = cand[k] if a1 <= 0 else (budget - a0) / a1
+        mu = min(max(mu, cand[k - 1]), cand[k])
+    pi[pos] = np.clip(mu * rp, floor, 1.0)
+    return pi
+
+
+def _active_set_mu(r: np.ndarray, n: np.ndarray, budget: float, floor: float, max_iter: int = 30) -> float | None:
+    """μ with Σ N·clip(μ r, floor, 1) = budget by active-set iteration (Michelot-style), O(U) per pass.
+
+    Guess which units sit at the cap or the floor, solve the linear equation for μ on the rest, update
+    the guess; a fixed point of the guess is the exact solution.  From μ₀ = budget/Σ N r the capped set
+    only grows when floor = 0, so it ends in a few passes; returns None if it has not settled (the
+    caller then uses the sorting solver, which is always exact).
+    """
+    nr = n * r
+    mu = budget / nr.sum()
+    capped = floored = None
+    for _ in range(max_iter):
+        x = mu * r
+        new_capped = x >= 1.0
+        new_floored = x <= floor if floor > 0 else None
+        if capped is not None and np.array_equal(new_capped, capped) and (
+            floor == 0 or np.array_equal(new_floored, floored)
+        ):
+            return mu
+        capped, floored = new_capped, new_floored
+        free_nr = nr.sum(where=~capped) if floored is None else nr.sum(where=~(capped | floored))
+        rest = budget - n.sum(where=capped)
+        if floored is not None:
+            rest -= floor * n.sum(where=floored)
+        if free_nr <= 0:
+            return None
+        mu = rest / free_nr
+    return None
+
+
+def _units(a: np.ndarray, n: np.ndarray, groups: object | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    if groups is None:
+        return a, n, None
+    gid, n_groups = group_ids(groups, a.shape[0])
+    return np.bincount(gid, a, n_groups), np.bincount(gid, n, n_groups), gid
+
+
+def optimal_inclusion(
+    sq_norms: object,
+    sizes: object,
+    budget: float,
+    groups: object | None = None,
+    floor: float = 0.0,
+) -> np.ndarray:
+    r"""Variance-optimal inclusion probabilities under a parameter budget.
+
+    Minimises Σ_b a_b(1/π_b − 1) s.t. Σ_b π_b n_b ≤ budget and floor ≤ π_b ≤ 1.  Solution
+    π_b = clip(√(a_b/(λ n_b)), floor, 1) (KKT), λ by exact water-filling.  With ``groups`` the
+    layer-wise optimum: π constant per group, from the same problem on (A_l, N_l).
+
+    Args:
+        sq_norms: a_b ≥ 0, shape (B,).
+        sizes: n_b > 0 parameters per module, shape (B,).
+        budget: parameters that may be active at once (≥ the smallest module).
+        groups: optional integer layer id per module, shape (B,).
+        floor: lower bound on every π (keeps every module reachable; needs floor·Σn ≤ budget).
+
+    Returns:
+        π per module, shape (B,), float64.
+    """
+    a = nonnegative(sq_norms, "sq_norms")
+    n = positive(sizes, "sizes")
+    same_length(a.shape[0], sizes=n)
+    b = _check_budget(budget, n, floor)
+    ua, un, gid = _units(a, n, groups)
+    pi = waterfill(np.sqrt(ua / un), un, b, floor)
+    return pi if gid is None else pi[gid]
+
+
+def proportional_inclusion(weights: object, sizes: object, budget: float, floor: float = 0.0) -> np.ndarray:
+    r"""Inclusion π_b = clip(c·w_b, floor, 1) with c fixed by Σ_b π_b n_b = budget.
+
+    This is how a sampling distribution p (e.g. the paper's softmax) becomes marginal inclusion
+    probabilities under a parameter budget: inclusion proportional to p, capped at 1 ("π-ps" design).
+    ``weights`` w_b ≥ 0 and ``sizes`` n_b > 0 have shape (B,).
+    """
+    w = nonnegative(weights, "weights")
+    n = positive(sizes, "sizes")
+    same_length(w.shape[0], sizes=n)
+    b = _check_budget(budget, n, floor)
+    return waterfill(w, n, b, floor)
+
+
+def kl_softmax(scores: object, eta: float) -> np.ndarray:
+    r"""The paper's distribution p_b ∝ exp(η·s_b).
+
+    It is the maximiser over the simplex of Σ_b p_b s_b − (1/η)·KL(p ‖ uniform) (proofs/04_softmax.md).
+    η = 0 gives the uniform distribution, η = ∞ the uniform distribution over argmax s (greedy).  Shifting
+    by max s keeps exp from overflowing for any η.
+    """
+    s = as_vector(scores, "scores")
+    eta = float(eta)
+    if np.isnan(eta) or eta < 0:
+        raise ValueError(f"eta must be ≥ 0, got {eta!r}")
+    if np.isinf(eta):
+        top = s == s.max()
+        return top / top.sum()
+    z = np.exp(eta * (s - s.max()))
+    return z / z.sum()
+
+
+def _variance_at(a: np.ndarray, pi: np.ndarray) -> float:
+    # 0·(1/0 − 1) := 0: a module with no gradient costs nothing when never drawn
+    live = a > 0
+    return float(np.sum(a[live] * (1.0 / pi[live] - 1.0)))
+
+
+def optimal_variance(
+    sq_norms: object,
+    sizes: object,
+    budget: float,
+    groups: object | None = None,
+    floor: float = 0.0,
+) -> float:
+    """Σ_b a_b(1/π*_b − 1) at the exact optimum π* of :func:`optimal_inclusion` (caps included)."""
+    a = nonnegative(sq_norms, "sq_norms")
+    return _variance_at(a, optimal_inclusion(a, sizes, budget, groups, floor))
+
+
+def uncapped_optimal_variance(
+    sq_norms: object, sizes: object, budget: float, groups: object | None = None
+) -> float:
+    r"""Closed form (Σ_u √(A_u N_u))²/budget − Σ_b a_b over units u (modules, or layers with ``groups``).
+
+    Equals :func:`optimal_variance` (floor 0) whenever no π hits the cap 1; otherwise it is a lower bound.
+    """
+    a = nonnegative(sq_norms, "sq_norms")
+    n = positive(sizes, "sizes")
+    same_length(a.shape[0], sizes=n)
+    b = _check_budget(budget, n, 0.0)
+    ua, un, _ = _units(a, n, groups)
+    return float(np.sum(np.sqrt(ua * un)) ** 2 / b - a.sum())
+
+
+def variance_gap(sq_norms: object, sizes: object, budget: float, groups: object) -> float:
+    r"""Layer-wise minus module-wise uncapped optimum: [(Σ_l √(A_l N_l))² − (Σ_b √(a_b n_b))²]/budget ≥ 0.
+
+    Zero exactly when a_b/n_b is constant within every layer (equality in Cauchy–Schwarz).
+    """
+    layer = uncapped_optimal_variance(sq_norms, sizes, budget, groups)
+    module = uncapped_optimal_variance(sq_norms, sizes, budget, None)
+    return layer - module
