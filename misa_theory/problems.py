@@ -34,6 +34,8 @@ __all__ = [
     "MatrixSensing",
     "make_problem",
     "transformer_layout",
+    "llama3_8b_layout",
+    "synthetic_sq_norms",
 ]
 
 #: Llama-style module kinds of one decoder layer, in attention-then-MLP order.
@@ -74,6 +76,23 @@ def _importance_profile(groups: np.ndarray, kinds: list[str], rng: np.random.Gen
     jitter = np.exp(0.5 * rng.standard_normal(groups.size))
     raw = layer_factor * kind_factor * jitter
     return (raw / np.exp(np.mean(np.log(raw)))) ** heterogeneity
+
+
+def llama3_8b_layout() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Module sizes of Llama-3-8B's decoder (32 layers, d = 4096, kv = 1024, ff = 14336), kind-major."""
+    return transformer_layout(32, 4096, 1024, 14336)
+
+
+def synthetic_sq_norms(sizes: np.ndarray, groups: np.ndarray, kinds: list[str], seed: int = 0,
+                       heterogeneity: float = 1.0) -> np.ndarray:
+    """A heterogeneous profile of squared gradient norms a_b = n_b · s_b², shape (M,).
+
+    s_b is the per-parameter gradient scale of :func:`_importance_profile` (U-shaped over depth, kind
+    factors with v/o/down largest, log-normal jitter), so big modules are not automatically the important
+    ones per parameter; this is the shape the variance comparison needs (a_b/n_b varying inside a layer).
+    """
+    s = _importance_profile(np.asarray(groups), list(kinds), np.random.default_rng(seed), heterogeneity)
+    return np.asarray(sizes, dtype=float) * s * s
 
 
 @dataclass

@@ -1,0 +1,5 @@
+"""``python -m misa_theory`` (see :mod:`misa_theory.cli`)."""
+
+from .cli import main
+
+raise SystemExit(main())
