@@ -1,1 +1,37 @@
-"""Module-wise Importance SAmpling, the theory: variance, optimal distributions, the sampler (numpy/scipy only)."""
+"""Module-wise Importance SAmpling, the theory: variance, optimal distributions, the sampler.
+
+numpy/scipy only — importing this package never imports torch.
+"""
+
+from .optimal import (
+    kl_softmax,
+    optimal_inclusion,
+    optimal_variance,
+    proportional_inclusion,
+    uncapped_optimal_variance,
+    variance_gap,
+)
+from .sampler import RULES, ModuleSampler
+from .variance import (
+    MonteCarloEstimate,
+    captured_gradient,
+    gradient_deficit,
+    monte_carlo,
+    sampled_gradient_variance,
+)
+
+__all__ = [
+    "RULES",
+    "ModuleSampler",
+    "MonteCarloEstimate",
+    "captured_gradient",
+    "gradient_deficit",
+    "kl_softmax",
+    "monte_carlo",
+    "optimal_inclusion",
+    "optimal_variance",
+    "proportional_inclusion",
+    "sampled_gradient_variance",
+    "uncapped_optimal_variance",
+    "variance_gap",
+]
