@@ -328,7 +328,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     with _SignalStop() as stop:
         while step < cfg.max_steps:
-            if method.begin_period(step):
+            # full/lora pick their one fixed set in build_method; log it once so the heatmap has a column
+            if method.begin_period(step) or step == 0:
                 active = np.flatnonzero(method.active_mask()).tolist()
                 log.log("period", step, active=active, active_params=method.stats().get("active_params"))
             step_loss = torch.zeros((), device=device)

@@ -1,0 +1,89 @@
+"""Checkpoints are atomic, pruned to keep_last, and a resumed run continues exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from misa_train import checkpoint as ck
+from misa_train.report import read_metrics
+from misa_train.train import run
+from tests.trainer_helpers import make_data_file, make_model_dir, tiny_config
+
+
+def _save(run_dir, step, model, keep_last=2, hook=None):
+    return ck.save_checkpoint(run_dir, step, model=model, adapter_only=False, method_state={"x": step},
+                              trainer_state={"step": step, "rng": ck.rng_state()}, meta={"config": {}},
+                              keep_last=keep_last, _before_commit=hook)
+
+
+def test_failed_save_leaves_no_partial_checkpoint(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    _save(tmp_path, 1, model)
+
+    def crash(tmp_dir):
+        assert (tmp_dir / "weights.safetensors").is_file()  # everything written, rename not yet done
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _save(tmp_path, 2, model, hook=crash)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-0000001"]  # no step-2, no temp folder
+    assert ck.resolve_checkpoint(tmp_path).name == "step-0000001"
+
+
+def test_killed_save_leftover_is_ignored_then_cleaned(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    _save(tmp_path, 1, model)
+    stale = tmp_path / "checkpoints" / ".tmp-step-0000002-abc"
+    stale.mkdir()
+    (stale / "weights.safetensors").write_bytes(b"half")
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-0000001"]
+    _save(tmp_path, 3, model)
+    assert not stale.exists()
+
+
+def test_keep_last_and_resolve(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    for s in (1, 2, 3, 4):
+        _save(tmp_path, s, model, keep_last=2)
+    found = ck.list_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["step-0000003", "step-0000004"]
+    assert ck.resolve_checkpoint(found[0]) == found[0]
+    assert ck.resolve_checkpoint(tmp_path / "nothing") is None
+
+
+def test_weights_and_rng_round_trip(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    torch.manual_seed(5)
+    path = _save(tmp_path, 7, model)
+    expected = torch.rand(3)
+    other = torch.nn.Linear(4, 3)
+    method_state, trainer_state = ck.load_checkpoint(path, other)
+    assert torch.equal(other.weight, model.weight) and method_state == {"x": 7}
+    ck.set_rng_state(trainer_state["rng"])
+    assert torch.equal(torch.rand(3), expected)
+    assert ck.read_meta(path)["step"] == 7
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return make_model_dir(root / "model"), make_data_file(root / "data.jsonl")
+
+
+def _losses(run_dir):
+    return [x for e in read_metrics(run_dir / "metrics.jsonl") if e["event"] == "train" for x in e["losses"]]
+
+
+@pytest.mark.parametrize("method", ["misa", "lora"])
+def test_in_process_resume_at_period_boundary_is_exact(assets, tmp_path, method):
+    torch.set_num_threads(1)
+    kw = dict(method=method, max_steps=8, period=4, save_every=4, eval_every=0, gen_eval_examples=0,
+              keep_last=5)
+    run(tiny_config(*assets, tmp_path / "a", **kw))
+    straight = _losses(tmp_path / "a")
+    # resume from step 4 (a period boundary) into a fresh folder, in a fresh model
+    run(tiny_config(*assets, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoints" / "step-0000004"), **kw))
+    resumed = _losses(tmp_path / "b")
+    assert len(straight) == 8 and resumed == straight[4:]

@@ -1,0 +1,65 @@
+"""Command line: every config field is an option; bad input is one line on stderr, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from misa_train.cli import build_parser
+from misa_train.config import FIELDS
+from tests.trainer_helpers import make_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("model"))
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "misa_train", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd or ROOT, timeout=120)
+
+
+def test_every_field_is_an_option_with_help():
+    text = build_parser().format_help()
+    for name in FIELDS:
+        assert "--" + name.replace("_", "-") in text, name
+    assert "--config" in text and "Exit codes" in text
+
+
+def test_help_exits_zero():
+    res = _cli("--help")
+    assert res.returncode == 0 and "--max-steps" in res.stdout
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--delta", "2"], "delta"),
+    (["--method", "sgd"], "method"),
+    (["--lr", "abc"], "lr"),
+    (["--data", "/no/such.jsonl"], "data"),
+    (["--config", "/no/such.yaml"], "config"),
+    (["--bogus-flag"], "unrecognized"),
+])
+def test_bad_input_is_one_line_exit_2(args, field):
+    res = _cli(*args)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("misa_train: error: ") and field in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_model_dependent_check_is_one_line_exit_2(tiny_model_dir, tmp_path):
+    # the budget check needs the loaded model: delta below the smallest module's share
+    res = _cli("--model", str(tiny_model_dir), "--delta", "1e-6", "--output-dir", str(tmp_path / "r"),
+               "--device", "cpu")
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith("misa_train: error: delta:") and "Traceback" not in res.stderr
