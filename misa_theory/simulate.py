@@ -334,7 +334,7 @@ def rate_fit(Ks: Sequence[int], per_seed: Sequence[np.ndarray], n_boot: int = 20
     lo, hi = np.percentile(slopes, [2.5, 97.5])
     y = Y.mean(axis=1)
     return RateFit(float(fit.slope), float(lo), float(hi), float(fit.stderr), float(np.exp(fit.intercept)),
-                   float(np.max(y * np.sqrt(Ks_arr))), bool(lo <= -0.5), tuple(int(k) for k in Ks),
+                   float(np.max(y * np.sqrt(Ks_arr))), bool(lo <= -0.5 + 1e-9), tuple(int(k) for k in Ks),
                    tuple(float(v) for v in y))
 
 

@@ -1,0 +1,131 @@
+"""Simulator: Adam arithmetic against a plain reference, sampler use, determinism, rate fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import misa_theory.simulate as sim
+from misa_theory.problems import make_problem
+from misa_theory.sampler import ModuleSampler
+from misa_theory.simulate import ALL_RULES, SimConfig, block_updates_to_target, rate_fit, simulate, summarize
+
+
+def _adam_reference(problem, steps: int, T: int, alpha: float, reset: bool, b1=0.9, b2=0.999, eps=1e-8):
+    """Plain full-parameter Adam on one seed, state zeroed every T steps when ``reset``."""
+    theta = problem.x0(1)[0].copy()
+    out = []
+    for i in range(steps):
+        if i % T == 0:
+            out.append(float(problem.grad_sq(theta[None])[0]))
+            if reset or i == 0:
+                m, v, c = np.zeros_like(theta), np.zeros_like(theta), 0
+        g = problem.grad(theta[None])[0]
+        c += 1
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        theta = theta - alpha * (m / (1 - b1**c)) / (np.sqrt(v / (1 - b2**c)) + eps)
+    out.append(float(problem.grad_sq(theta[None])[0]))
+    return np.array(out)
+
+
+def test_full_adam_matches_reference():
+    p = make_problem("sensing")
+    res = simulate(p, "adam", 6, 2, SimConfig(alpha=0.01, T=3))
+    ref = _adam_reference(p, 18, 3, 0.01, reset=False)
+    np.testing.assert_allclose(res.grad_sq[:, 0], ref, rtol=1e-10)
+    np.testing.assert_allclose(res.grad_sq[:, 1], ref, rtol=1e-10)
+
+
+def test_full_budget_block_adam_is_adam_with_reset_every_period():
+    p = make_problem("sensing")
+    res = simulate(p, "uniform", 5, 1, SimConfig(alpha=0.01, T=4, delta=1.0))
+    np.testing.assert_allclose(res.grad_sq[:, 0], _adam_reference(p, 20, 4, 0.01, reset=True), rtol=1e-10)
+    kept = simulate(p, "uniform", 5, 1, SimConfig(alpha=0.01, T=4, delta=1.0, keep_state=True))
+    np.testing.assert_allclose(kept.grad_sq[:, 0], _adam_reference(p, 20, 4, 0.01, reset=False), rtol=1e-10)
+
+
+def test_draws_go_through_one_sampler_per_seed(monkeypatch):
+    made: list[ModuleSampler] = []
+    calls = {"draw": 0, "observe": 0}
+
+    class Spy(ModuleSampler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+        def draw(self):
+            calls["draw"] += 1
+            return super().draw()
+
+        def observe(self, idx, sq):
+            calls["observe"] += 1
+            assert np.all(np.asarray(sq) >= 0)
+            return super().observe(idx, sq)
+
+    monkeypatch.setattr(sim, "ModuleSampler", Spy)
+    p = make_problem("robust")
+    res = simulate(p, "misa", 7, 3, SimConfig(alpha=0.01, T=2, delta=0.2), record_draws=True)
+    assert len(made) == 3 and calls["draw"] == 21 and calls["observe"] == 21
+    assert len({s.seed for s in made}) == 3
+    budget = made[0].budget
+    assert all(p.sizes[d].sum() <= budget for d in res.draws)
+    assert np.all((res.inclusion_counts * p.sizes).sum(axis=1) <= 7 * budget)
+
+
+def test_deterministic_and_seed_dependent():
+    p = make_problem("robust")
+    cfg = SimConfig(alpha=0.02, T=2, sigma=0.1)
+    a = simulate(p, "misa", 10, 2, cfg, seed=5)
+    b = simulate(p, "misa", 10, 2, cfg, seed=5)
+    c = simulate(p, "misa", 10, 2, cfg, seed=6)
+    np.testing.assert_array_equal(a.grad_sq, b.grad_sq)
+    assert not np.array_equal(a.grad_sq, c.grad_sq)
+    assert not np.array_equal(a.grad_sq[:, 0], a.grad_sq[:, 1])  # seeds differ
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_every_rule_decreases_the_gradient(rule):
+    p = make_problem("sensing")
+    cfg = SimConfig(alpha=0.02, T=3, delta=0.4, sigma=0.01, sgd_alpha=0.05, keep_state=rule == "misa")
+    res = simulate(p, rule, 40, 3, cfg)
+    assert res.grad_sq.shape == (41, 3) and np.all(np.isfinite(res.grad_sq))
+    assert res.grad_sq[-1].mean() < res.grad_sq[0].mean()
+    s = summarize(res)
+    assert s["min_grad_sq"] <= s["avg_grad_sq"] and s["avg_grad_sq_stderr"] >= 0
+
+
+def test_momentum_flush_moves_the_iterate_further():
+    p = make_problem("sensing")
+    plain = simulate(p, "uniform", 3, 1, SimConfig(alpha=0.001, T=2, delta=0.4))
+    flushed = simulate(p, "uniform", 3, 1, SimConfig(alpha=0.001, T=2, delta=0.4, momentum_flush=True))
+    np.testing.assert_array_equal(plain.grad_sq[:1], flushed.grad_sq[:1])
+    assert not np.allclose(plain.grad_sq[1:], flushed.grad_sq[1:]) and np.all(np.isfinite(flushed.grad_sq))
+
+
+def test_bad_arguments():
+    p = make_problem("sensing")
+    with pytest.raises(ValueError, match="rule"):
+        simulate(p, "nope", 2, 1, SimConfig())
+    with pytest.raises(ValueError, match="K"):
+        simulate(p, "misa", 0, 1, SimConfig())
+    with pytest.raises(ValueError, match="delta"):
+        simulate(p, "misa", 2, 1, SimConfig(delta=1.5))
+
+
+def test_rate_fit_recovers_a_known_slope():
+    rng = np.random.default_rng(0)
+    Ks = [10, 100, 1000, 10000]
+    seed_effect = np.exp(0.3 * rng.standard_normal(20))  # a per-seed constant leaves the slope exact
+    fit = rate_fit(Ks, [3.0 * k**-0.5 * seed_effect for k in Ks])
+    assert abs(fit.slope + 0.5) < 1e-9 and fit.covered
+    np.testing.assert_allclose(fit.C_half, 3.0 * seed_effect.mean())
+    noisy = rate_fit(Ks, [3.0 * k**-0.7 * np.exp(0.2 * rng.standard_normal(20)) for k in Ks])
+    assert noisy.lo <= noisy.slope <= noisy.hi and abs(noisy.slope + 0.7) < 0.05 and noisy.covered
+    steep = rate_fit(Ks, [k**-0.2 * np.ones(5) for k in Ks])
+    assert not steep.covered
+
+
+def test_block_updates_to_target():
+    g = np.array([[5.0, 5.0], [2.0, 4.0], [0.5, 3.0]])
+    np.testing.assert_array_equal(block_updates_to_target(g, 1.0), [2, 3])
