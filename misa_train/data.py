@@ -173,29 +173,35 @@ def default_examples(n: int, seed: int = 0, reasoning: bool = True) -> list[Exam
 
     if n <= 0:
         return []
-    ds = reasoning_gym.create_dataset(
-        "basic_arithmetic",
-        size=n,
-        seed=seed,
-        min_terms=2,
-        max_terms=3,
-        min_digits=1,
-        max_digits=2,
-        operators=("+", "-", "*"),
-        allow_parentheses=False,
-        allow_negation=False,
-        format_style="natural",
-    )
     out: list[Example] = []
-    for item in ds:
-        answer = str(item["answer"]).strip()
-        response = answer
-        worked = _stepwise(item.get("metadata", {}).get("expression", ""))
-        if reasoning and worked is not None and str(worked[1]) == answer:
-            response = ". ".join(worked[0]) + f". #### {answer}"
-        elif reasoning:
-            response = f"#### {answer}"
-        out.append(Example(item["question"], response))
+    size = 2 * n + 16
+    while len(out) < n:
+        ds = reasoning_gym.create_dataset(
+            "basic_arithmetic",
+            size=size,
+            seed=seed,
+            min_terms=2,
+            max_terms=3,
+            min_digits=1,
+            max_digits=2,
+            operators=("+", "-", "*"),
+            allow_parentheses=False,
+            allow_negation=False,
+            format_style="natural",
+        )
+        out = []
+        for item in ds:
+            answer = str(item["answer"]).strip()
+            worked = _stepwise(item.get("metadata", {}).get("expression", ""))
+            # reasoning-gym sometimes scores mixed "+ *" expressions left to right (3 + 2 * 3 -> 15);
+            # such items would teach wrong arithmetic, so only items whose answer obeys precedence are kept.
+            if worked is None or str(worked[1]) != answer:
+                continue
+            response = ". ".join(worked[0]) + f". #### {answer}" if reasoning else answer
+            out.append(Example(item["question"], response))
+            if len(out) == n:
+                break
+        size *= 2
     return out
 
 
