@@ -1,0 +1,78 @@
+"""`python -m misa_theory`: outputs, JSON contents and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "misa_theory", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_simulate_writes_json_and_plots(tmp_path):
+    out = tmp_path / "o"
+    r = run("simulate", "--problem", "sensing", "--rule", "misa,lisa,adam", "--K", "20", "--seeds", "3",
+            "--T", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "misa" in r.stdout and "lisa/misa" in r.stdout
+    data = json.loads((out / "summary.json").read_text())
+    rules = data["runs"]["20"]["rules"]
+    assert set(rules) == {"misa", "lisa", "adam"}
+    for s in rules.values():
+        for key in ("avg_grad_sq", "avg_grad_sq_std", "avg_grad_sq_stderr", "min_grad_sq", "min_grad_sq_stderr"):
+            assert s[key] >= 0
+    assert (out / "grad_sq.png").stat().st_size > 1000
+
+
+def test_k_sweep_fits_a_slope(tmp_path):
+    r = run("simulate", "--problem", "sensing", "--rule", "uniform", "--K-sweep", "4,16,64", "--seeds", "3",
+            "--T", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    rate = json.loads((tmp_path / "summary.json").read_text())["rate"]["uniform"]["avg"]
+    assert rate["lo"] <= rate["slope"] <= rate["hi"] and len(rate["Ks"]) == 3
+    assert (tmp_path / "rate.png").exists() and "slope" in r.stdout
+
+
+def test_variance_toy_and_norms_file(tmp_path):
+    r = run("variance", "--toy", "llama3-8b", "--delta", "0.1")
+    assert r.returncode == 0, r.stderr
+    for name in ("uniform layer-wise", "optimal layer-wise", "uniform module-wise", "optimal module-wise",
+                 "paper softmax"):
+        assert name in r.stdout
+    f = tmp_path / "importance.json"
+    f.write_text(json.dumps({"modules": [{"name": f"m{i}", "size": 10 + i % 3, "layer": i // 3,
+                                          "sq_norm": float(1 + i)} for i in range(12)]}))
+    r = run("variance", "--norms", str(f), "--delta", "0.5", "--json")
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)["variance"]
+    assert v["optimal module-wise"] <= v["optimal layer-wise"] + 1e-9
+    assert v["optimal module-wise"] <= v["uniform module-wise"] + 1e-9
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("simulate", "--problem", "nope"), "robust"),
+    (("simulate", "--rule", "foo"), "lisa"),
+    (("simulate", "--K", "0"), "K must be positive"),
+    (("simulate", "--K-sweep", "10,-1"), "K must be positive"),
+    (("simulate", "--delta", "0"), "delta"),
+    (("simulate", "--eta", "-1"), "eta"),
+    (("variance", "--toy", "llama3-8b", "--delta", "1.5"), "delta"),
+    (("variance", "--toy", "llama3-8b", "--eta", "-2"), "eta"),
+    (("variance", "--toy", "gpt5"), "llama3-8b"),
+    (("variance", "--norms", "/no/such/file.json"), "not found"),
+    (("frobnicate",), "simulate"),
+])
+def test_bad_input_is_one_line_exit_2(args, needle):
+    r = run(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("misa_theory: error:") and needle in lines[0]
+    assert "Traceback" not in r.stderr
