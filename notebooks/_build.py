@@ -1,0 +1,166 @@
+"""Generate notebooks/01_variance.ipynb, 02_convergence.ipynb, 03_sampling.ipynb from the cells below.
+
+Run ``python notebooks/_build.py`` after editing; the .ipynb files are outputs of this script (kept unexecuted).
+Every notebook reads MISA_NB_SMALL=1 (tiny sizes, for the test suite) and MISA_NB_FIGDIR (figure folder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+SETUP = '''import os, sys, json
+from pathlib import Path
+import numpy as np
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+sys.path.insert(0, str(ROOT))
+SMALL = os.environ.get("MISA_NB_SMALL", "0") == "1"   # tiny sizes for CI
+FIGDIR = Path(os.environ.get("MISA_NB_FIGDIR", ROOT / "notebooks" / "figures"))
+FIGDIR.mkdir(parents=True, exist_ok=True)
+print("small" if SMALL else "full", "run; figures ->", FIGDIR)'''
+
+NB1 = [
+    new_markdown_cell("# 01 — Sampling variance: layer-wise vs module-wise\n"
+                      "E‖ĝ−g‖² = Σ_b a_b(1/π_b − 1) for the unbiased block estimator, on Llama-3-8B module sizes "
+                      "(32 layers, d=4096, kv=1024, ff=14336) with a synthetic heterogeneous norm profile."),
+    new_code_cell(SETUP),
+    new_code_cell('''from misa_theory.problems import llama3_8b_layout, synthetic_sq_norms
+from misa_theory.cli import variance_table
+sizes, layers, kinds = llama3_8b_layout()
+a = synthetic_sq_norms(sizes, layers, kinds, seed=0)
+layer_frac = np.bincount(layers, sizes).max() / sizes.sum()
+deltas = np.geomspace(max(layer_frac, 0.035), 0.9, 5 if SMALL else 20)
+etas = [0.5, 1, 2] if SMALL else [0, 0.5, 1, 2, 4]
+rows = [variance_table(a, sizes, layers, d, etas) for d in deltas]
+print({k: f"{v / a.sum():.3g}" for k, v in rows[0].items()})'''),
+    new_code_cell('''def plot_variance(rows, deltas, total, title, path):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in rows[0]:
+        y = np.array([r[name] for r in rows]) / total
+        style = "--" if "softmax" in name else "-"
+        ax.loglog(deltas, y, style, label=name)
+    ax.set_xlabel("budget δ (fraction of parameters active)")
+    ax.set_ylabel("E‖ĝ−g‖² / ‖g‖²")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return fig
+plot_variance(rows, deltas, a.sum(), "Llama-3-8B sizes, synthetic norms", FIGDIR / "01_variance_toy.png")'''),
+    new_markdown_cell("## Measured norms (from the trainer)\nThe trainer writes `importance.json` into its run "
+                      "folder. Point `MISA_IMPORTANCE_JSON` at it (or put it at `notebooks/importance.json`); "
+                      "this cell is skipped, saying so, when the file is absent."),
+    new_code_cell('''# --- MEASURED NORMS: loads the trainer's importance.json if it exists ---
+from misa_theory.cli import load_norms
+path = Path(os.environ.get("MISA_IMPORTANCE_JSON", ROOT / "notebooks" / "importance.json"))
+if path.is_file():
+    msizes, mlayers, mnorms, _ = load_norms(path)
+    lf = np.bincount(np.unique(mlayers, return_inverse=True)[1], msizes).max() / msizes.sum()
+    md = np.geomspace(min(max(lf, 1e-3), 0.9), 0.9, 5 if SMALL else 15)
+    mrows = [variance_table(mnorms, msizes, mlayers, d, etas) for d in md]
+    plot_variance(mrows, md, mnorms.sum(), f"measured norms ({path.name})", FIGDIR / "01_variance_measured.png")
+else:
+    print(f"no measured norms at {path}: skipping this plot (run the trainer, then set MISA_IMPORTANCE_JSON)")'''),
+]
+
+NB2 = [
+    new_markdown_cell("# 02 — Convergence: ‖∇f‖² vs K with α = α₀/√K\nOne *block update* = one draw + T inner "
+                      "Adam steps (misa_theory/simulate.py). The theory (proofs/05_convergence.md) predicts "
+                      "(1/K)Σ‖∇f(θ_k)‖² = O(1/√K)."),
+    new_code_cell(SETUP),
+    new_code_cell('''from misa_theory.problems import make_problem
+from misa_theory.simulate import SimConfig, alpha_for, simulate, rate_fit, block_updates_to_target
+problem = make_problem("robust", heterogeneity=2.0)
+Ks = [4, 16, 64] if SMALL else [10, 100, 1000]
+SEEDS = 3 if SMALL else 10
+rules = ["misa", "lisa", "badam", "adam"] if SMALL else ["misa", "optimal", "uniform", "lisa", "badam", "adam"]
+T, ALPHA0 = 2, 0.3
+res = {r: {K: simulate(problem, r, K, SEEDS, SimConfig(alpha=alpha_for(K, ALPHA0), T=T, sigma=0.05))
+           for K in Ks} for r in rules}
+fits = {r: rate_fit(Ks, [res[r][K].avg_grad_sq() for K in Ks]) for r in rules}
+for r, f in fits.items():
+    print(f"{r:>8}: slope {f.slope:+.3f} [{f.lo:+.3f}, {f.hi:+.3f}]  C={f.C_half:.3g}")'''),
+    new_code_cell('''fig, ax = plt.subplots(figsize=(6.5, 4.5))
+for r in rules:
+    ax.loglog(Ks, fits[r].y, "o-", label=f"{r} ({fits[r].slope:+.2f})")
+ax.loglog(Ks, fits[rules[0]].y[0] * np.sqrt(Ks[0] / np.array(Ks)), "k--", label="∝ 1/√K")
+ax.set_xlabel("K (block updates)"); ax.set_ylabel("(1/K) Σ ‖∇f(θ_k)‖²"); ax.legend(fontsize=8)
+fig.tight_layout(); fig.savefig(FIGDIR / "02_rate.png", dpi=90)'''),
+    new_code_cell('''# MISA vs LISA vs BAdam vs full Adam on the longest horizon
+K = Ks[-1]
+fig, ax = plt.subplots(figsize=(6.5, 4.5))
+for r in rules:
+    ax.semilogy(res[r][K].grad_sq.mean(axis=1), label=r)
+ax.set_xlabel("block update k"); ax.set_ylabel("‖∇f(θ_k)‖²"); ax.legend(fontsize=8)
+fig.tight_layout(); fig.savefig(FIGDIR / "02_trajectories.png", dpi=90)
+target = 0.1 * res["lisa"][K].grad_sq[0].mean()
+hits = {r: block_updates_to_target(res[r][K].grad_sq, target).mean() for r in rules}
+print({r: round(float(h), 1) for r, h in hits.items()}, "lisa/misa =", round(hits["lisa"] / hits["misa"], 2))'''),
+    new_code_cell('''# effect of T (inner steps) and η (softmax temperature) on MISA
+K = Ks[-1]
+Ts = [1, 2, 4] if SMALL else [1, 2, 5, 10]
+etas = [0.0, 1.0, 4.0] if SMALL else [0.0, 0.5, 1.0, 2.0, 4.0]
+byT = [simulate(problem, "misa", K, SEEDS, SimConfig(alpha=alpha_for(K, ALPHA0), T=t, sigma=0.05)).avg_grad_sq().mean()
+       for t in Ts]
+byEta = [simulate(problem, "misa", K, SEEDS, SimConfig(alpha=alpha_for(K, ALPHA0), T=T, sigma=0.05, eta=e))
+         .avg_grad_sq().mean() for e in etas]
+fig, axs = plt.subplots(1, 2, figsize=(9, 3.5))
+axs[0].plot(Ts, byT, "o-"); axs[0].set_xlabel("T"); axs[0].set_ylabel("(1/K) Σ ‖∇f‖²")
+axs[1].plot(etas, byEta, "o-"); axs[1].set_xlabel("η")
+fig.tight_layout(); fig.savefig(FIGDIR / "02_T_eta.png", dpi=90)'''),
+]
+
+NB3 = [
+    new_markdown_cell("# 03 — What the sampler draws\nInclusion of each module over time (seed 0), and the "
+                      "empirical marginals against the target π the sampler reports."),
+    new_code_cell(SETUP),
+    new_code_cell('''from misa_theory.problems import make_problem
+from misa_theory.simulate import SimConfig, simulate
+problem = make_problem("robust", heterogeneity=2.0)
+K = 60 if SMALL else 600
+out = {r: simulate(problem, r, K, 1, SimConfig(alpha=0.3 / np.sqrt(K), T=2, sigma=0.05), record_draws=True)
+       for r in ["misa", "optimal", "lisa", "badam"]}
+order = np.lexsort((np.arange(problem.n_modules), problem.groups))  # layer-major for display'''),
+    new_code_cell('''fig, axs = plt.subplots(len(out), 1, figsize=(8, 2.2 * len(out)), sharex=True)
+for ax, (r, res) in zip(axs, out.items()):
+    incl = np.zeros((problem.n_modules, K))
+    for k, d in enumerate(res.draws):
+        incl[d, k] = 1
+    ax.imshow(incl[order], aspect="auto", interpolation="nearest", cmap="Greys")
+    ax.set_ylabel(f"{r}\\nmodule (layer-major)", fontsize=8)
+axs[-1].set_xlabel("block update k")
+fig.tight_layout(); fig.savefig(FIGDIR / "03_heatmap.png", dpi=90)'''),
+    new_code_cell('''fig, axs = plt.subplots(1, 2, figsize=(10, 3.5))
+for ax, r in zip(axs, ["misa", "optimal"]):
+    res = out[r]
+    burn = K // 3   # after exploration, when π is score-driven
+    emp = np.zeros(problem.n_modules)
+    for d in res.draws[burn:]:
+        emp[d] += 1
+    emp /= (K - burn)
+    target = res.target_pi[burn:].mean(axis=0)
+    ax.scatter(target, emp, s=12)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("mean target π_b"); ax.set_ylabel("empirical inclusion"); ax.set_title(r)
+    print(r, "max |emp - π| =", round(float(np.abs(emp - target).max()), 3))
+fig.tight_layout(); fig.savefig(FIGDIR / "03_marginals.png", dpi=90)'''),
+]
+
+
+def build() -> None:
+    """Write the three notebooks next to this file."""
+    for name, cells in (("01_variance", NB1), ("02_convergence", NB2), ("03_sampling", NB3)):
+        nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                 "language": "python"}})
+        nbformat.write(nb, HERE / f"{name}.ipynb")
+
+
+if __name__ == "__main__":
+    build()
