@@ -76,14 +76,15 @@ def _losses(run_dir):
     return [x for e in read_metrics(run_dir / "metrics.jsonl") if e["event"] == "train" for x in e["losses"]]
 
 
-@pytest.mark.parametrize("method", ["misa", "lora"])
-def test_in_process_resume_at_period_boundary_is_exact(assets, tmp_path, method):
+@pytest.mark.parametrize("method, at", [("misa", 6), ("lora", 4)])
+def test_in_process_resume_is_exact(assets, tmp_path, method, at):
+    """Resume from a mid-period (6, T = 4) or boundary (4) checkpoint into a fresh folder and model."""
     torch.set_num_threads(1)
-    kw = dict(method=method, max_steps=8, period=4, save_every=4, eval_every=0, gen_eval_examples=0,
+    kw = dict(method=method, max_steps=8, period=4, save_every=2, eval_every=0, gen_eval_examples=0,
               keep_last=5)
     run(tiny_config(*assets, tmp_path / "a", **kw))
     straight = _losses(tmp_path / "a")
-    # resume from step 4 (a period boundary) into a fresh folder, in a fresh model
-    run(tiny_config(*assets, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoints" / "step-0000004"), **kw))
+    run(tiny_config(*assets, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoints" / f"step-{at:07d}"),
+                    **kw))
     resumed = _losses(tmp_path / "b")
-    assert len(straight) == 8 and resumed == straight[4:]
+    assert len(straight) == 8 and resumed == straight[at:]
