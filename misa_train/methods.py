@@ -313,11 +313,6 @@ def build_method(cfg: Any, model: nn.Module, modules: Sequence[ModuleInfo], tota
     candidates = always + [m.name for m in modules]
     opt = ActiveAdamW([(n, p) for n, p in _named_unique(model) if n in set(candidates)],
                       retain_state=cfg.retain_state, **opt_kw)
-    if getattr(cfg, "grad_checkpointing", False) and not getattr(cfg, "train_embeddings", False):
-        # re-entrant checkpointing drops parameter grads of a block whose input does not require grad
-        enable = getattr(model, "enable_input_require_grads", None)
-        if callable(enable):
-            enable()
     return Method(method, model, modules, opt, period=cfg.period, always_on=always, sampler=sampler,
                   reweight=cfg.reweight, total_params=total_params)
 
@@ -325,10 +320,11 @@ def build_method(cfg: Any, model: nn.Module, modules: Sequence[ModuleInfo], tota
 def _build_lora(cfg: Any, model: nn.Module, modules: Sequence[ModuleInfo], opt_kw: dict) -> Method:
     from peft import LoraConfig, get_peft_model
 
-    kinds = sorted({m.kind for m in modules})
+    # exact module paths, not kinds: a leaf name like "c_proj" may also exist outside the decoder blocks
+    targets = [m.name.removesuffix(".weight") for m in modules]
     conv1d = any(type(mod).__name__ == "Conv1D" for mod in model.modules())
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=kinds, fan_in_fan_out=conv1d, bias="none")
+                      target_modules=targets, fan_in_fan_out=conv1d, bias="none")
     peft_model = get_peft_model(model, lcfg)
     named = [(n, p) for n, p in _named_unique(peft_model) if p.requires_grad]
     for n, p in _named_unique(peft_model):

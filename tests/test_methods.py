@@ -135,6 +135,7 @@ def test_lora_trains_only_adapters(arch):
     st = m.stats()
     assert st["active_params"] == sum(p.numel() for n, p in m.model.named_parameters() if n in trainable)
     assert st["state_bytes"] == 8 * st["active_params"]
+    assert sum("lora_A" in n for n in trainable) == len(m.modules)  # one adapter per module, no more
     assert m.active_mask().all() and losses[-1] < losses[0]
 
 
