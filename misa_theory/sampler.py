@@ -290,7 +290,10 @@ class ModuleSampler:
         width = self._cycle_width()
         while len(chosen) < width:
             if self._cycle_pos >= self._cycle.size:
-                self._cycle = self.rng.permutation(np.flatnonzero(self._reachable))
+                order = self.rng.permutation(np.flatnonzero(self._reachable))
+                # a pass that starts mid-draw puts this draw's layers last, so a draw never repeats a layer
+                taken = np.isin(order, chosen)
+                self._cycle = np.concatenate((order[~taken], order[taken]))
                 self._cycle_pos = 0
             u = int(self._cycle[self._cycle_pos])
             if used + self._unit_sizes[u] > self.budget or u in chosen:
