@@ -1,0 +1,220 @@
+"""Properties of misa_theory.optimal: feasibility, KKT, orderings between designs, softmax optimality."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from misa_theory.optimal import (
+    kl_softmax,
+    optimal_inclusion,
+    optimal_variance,
+    uncapped_optimal_variance,
+    variance_gap,
+)
+from misa_theory.variance import sampled_gradient_variance
+
+
+@st.composite
+def problems(draw: st.DrawFn, with_floor: bool = True) -> dict:
+    """a ≥ 0 (some zeros, wide dynamic range), n > 0, groups, a budget between the smallest module and Σn·1.2."""
+    m = draw(st.integers(1, 14))
+    a = np.array(draw(st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1e6)), min_size=m, max_size=m)))
+    n = np.array(draw(st.lists(st.integers(1, 10_000), min_size=m, max_size=m)), dtype=float)
+    groups = np.array(draw(st.lists(st.integers(0, 3), min_size=m, max_size=m)))
+    lo, hi = float(n.min()), float(n.sum()) * 1.2
+    budget = draw(st.floats(lo, max(lo, hi)))
+    floor = 0.0
+    if with_floor and draw(st.booleans()):
+        floor = draw(st.floats(0.0, 1.0)) * min(1.0, budget / n.sum())
+    return dict(a=a, n=n, groups=groups, budget=budget, floor=floor)
+
+
+def _ratios(a: np.ndarray, n: np.ndarray, pi: np.ndarray) -> np.ndarray:
+    return np.sqrt(a / n) / pi
+
+
+def check_kkt(a: np.ndarray, n: np.ndarray, budget: float, floor: float, pi: np.ndarray) -> None:
+    """Primal feasibility, and the KKT sign pattern of π = clip(√(a/(λn)), floor, 1)."""
+    assert pi.shape == a.shape and pi.dtype == np.float64
+    assert float(np.sum(pi * n)) <= budget * (1 + 1e-9)
+    assert np.all(pi >= floor - 1e-12) and np.all(pi <= 1 + 1e-12)
+    tol = 1e-9
+    at_cap = pi >= 1 - tol
+    at_floor = pi <= floor + tol * max(floor, 1e-300)
+    live = a > 0
+    interior = live & ~at_cap & ~at_floor
+    r = _ratios(a, n, np.maximum(pi, 1e-300))
+    if interior.any():
+        level = r[interior]
+        assert np.ptp(level) <= 1e-6 * level.max(), ("interior √(a/n)/π not constant", level)
+        lam = float(np.median(level))
+        assert np.all(r[live & at_cap] >= lam * (1 - 1e-6)), "a capped module must have a larger ratio"
+        assert np.all(r[live & at_floor & ~at_cap] <= lam * (1 + 1e-6)), "a floored module must have a smaller ratio"
+    if n.sum() > budget and interior.any():
+        # λ > 0: the budget is spent (complementary slackness).
+        assert float(np.sum(pi * n)) >= budget * (1 - 1e-9)
+    # Capped modules are exactly the most important per parameter: no floored/interior one beats a capped one.
+    if (live & at_cap).any() and (live & ~at_cap).any():
+        assert r[live & at_cap].min() >= r[live & ~at_cap].max() * (1 - 1e-6)
+
+
+@given(problems())
+def test_optimal_inclusion_is_feasible_and_satisfies_kkt(p: dict) -> None:
+    pi = optimal_inclusion(p["a"], p["n"], p["budget"], floor=p["floor"])
+    check_kkt(p["a"], p["n"], p["budget"], p["floor"], pi)
+
+
+@given(problems())
+def test_layerwise_optimum_is_constant_per_layer_and_kkt_over_layers(p: dict) -> None:
+    a, n, groups = p["a"], p["n"], p["groups"]
+    pi = optimal_inclusion(a, n, p["budget"], groups=groups, floor=p["floor"])
+    labels, dense = np.unique(groups, return_inverse=True)
+    per_layer = np.zeros(labels.size)
+    per_layer[dense] = pi
+    np.testing.assert_array_equal(pi, per_layer[dense])
+    check_kkt(np.bincount(dense, a), np.bincount(dense, n), p["budget"], p["floor"], per_layer)
+
+
+def _uniform_layerwise_variance(a: np.ndarray, n: np.ndarray, budget: float) -> float:
+    pi = min(1.0, budget / float(n.sum()))
+    return float(np.sum(a * (1 / pi - 1)))
+
+
+@given(problems(with_floor=False))
+def test_module_le_layer_le_uniform_at_equal_budget(p: dict) -> None:
+    """V*(module) ≤ V*(layer) ≤ V(uniform layer-wise): each design's feasible set contains the next one's."""
+    a, n, b, groups = p["a"], p["n"], p["budget"], p["groups"]
+    v_mod = optimal_variance(a, n, b)
+    v_lay = optimal_variance(a, n, b, groups=groups)
+    v_uni = _uniform_layerwise_variance(a, n, b)
+    tol = 1e-9 * (1 + abs(v_uni) + float(a.sum()))
+    assert v_mod <= v_lay + tol
+    assert v_lay <= v_uni + tol
+    assert v_mod >= -tol
+
+
+@given(problems(), st.lists(st.floats(1e-3, 1.0), min_size=14, max_size=14))
+def test_optimum_beats_any_random_feasible_design(p: dict, u: list[float]) -> None:
+    """Scale a random positive vector onto the budget (then cap at 1 and lift to the floor if room): never better."""
+    a, n, b, floor = p["a"], p["n"], p["budget"], p["floor"]
+    w = np.array(u[: a.size])
+    pi = np.clip(w * b / float(np.sum(w * n)), floor, 1.0)
+    if float(np.sum(pi * n)) > b:  # the floor lift overspent: fall back to a uniform feasible design
+        pi = np.full(a.size, max(floor, min(1.0, b / float(n.sum()))))
+    assert float(np.sum(pi * n)) <= b * (1 + 1e-9)
+    v_star = optimal_variance(a, n, b, floor=floor)
+    v_rand = sampled_gradient_variance(a, pi)
+    assert v_star <= v_rand + 1e-9 * (1 + abs(v_rand))
+
+
+@given(problems(with_floor=False))
+def test_uncapped_closed_form_is_a_lower_bound_and_exact_without_caps(p: dict) -> None:
+    a, n, b = p["a"], p["n"], p["budget"]
+    closed = uncapped_optimal_variance(a, n, b)
+    ref = float(np.sum(np.sqrt(a * n)) ** 2 / b - a.sum())
+    assert math.isclose(closed, ref, rel_tol=1e-9, abs_tol=1e-9 * (1 + float(a.sum())))
+    exact = optimal_variance(a, n, b)
+    tol = 1e-7 * (1 + abs(exact) + float(a.sum()))
+    assert closed <= exact + tol
+    pi = optimal_inclusion(a, n, b)
+    if np.all(pi[a > 0] < 1 - 1e-9) and (a > 0).all():
+        assert math.isclose(closed, exact, rel_tol=1e-7, abs_tol=tol)
+
+
+@given(problems(with_floor=False))
+def test_variance_gap_is_the_cauchy_schwarz_gap(p: dict) -> None:
+    a, n, b, groups = p["a"], p["n"], p["budget"], p["groups"]
+    gap = variance_gap(a, n, b, groups)
+    _, dense = np.unique(groups, return_inverse=True)
+    A, N = np.bincount(dense, a), np.bincount(dense, n)
+    ref = (np.sum(np.sqrt(A * N)) ** 2 - np.sum(np.sqrt(a * n)) ** 2) / b
+    scale = 1e-9 * (1 + float(np.sum(np.sqrt(A * N)) ** 2 / b))
+    assert math.isclose(gap, ref, rel_tol=1e-7, abs_tol=scale)
+    assert gap >= -scale
+
+
+@given(problems(with_floor=False), st.lists(st.floats(1e-3, 1e3), min_size=4, max_size=4))
+def test_variance_gap_vanishes_iff_ratio_constant_within_layers(p: dict, k: list[float]) -> None:
+    n, b, groups = p["n"], p["budget"], p["groups"]
+    a = np.array(k)[groups] * n  # a_b/n_b = k_l in every layer
+    gap = variance_gap(a, n, b, groups)
+    assert abs(gap) <= 1e-9 * (1 + float(np.sum(np.sqrt(a * n)) ** 2 / b))
+
+
+@given(st.lists(st.floats(-50, 50), min_size=1, max_size=20), st.one_of(st.just(0.0), st.floats(1e-3, 20.0)),
+       st.lists(st.floats(0.0, 1.0), min_size=20, max_size=20))
+def test_kl_softmax_is_the_regularised_maximiser(s: list[float], eta: float, q_raw: list[float]) -> None:
+    """p ∝ exp(η s) on the simplex, and no other q in the simplex has a larger Σ q s − KL(q‖u)/η."""
+    s_arr = np.array(s)
+    p = kl_softmax(s_arr, eta)
+    assert p.shape == s_arr.shape
+    assert np.all(p >= 0) and math.isclose(float(p.sum()), 1.0, rel_tol=1e-12)
+    logits = eta * (s_arr - s_arr.max())
+    np.testing.assert_allclose(p, np.exp(logits) / np.exp(logits).sum(), rtol=1e-10, atol=1e-300)
+    if eta == 0:
+        np.testing.assert_allclose(p, 1 / s_arr.size)
+        return
+    m = s_arr.size
+
+    def objective(x: np.ndarray) -> float:
+        nz = x > 0
+        return float(x @ s_arr - np.sum(x[nz] * np.log(m * x[nz])) / eta)
+
+    q = np.array(q_raw[:m]) + 1e-12
+    q /= q.sum()
+    assert objective(p) >= objective(q) - 1e-9 * (1 + abs(objective(q)))
+
+
+@given(st.lists(st.floats(-50, 50), min_size=1, max_size=20))
+def test_kl_softmax_limits(s: list[float]) -> None:
+    s_arr = np.array(s)
+    np.testing.assert_allclose(kl_softmax(s_arr, 0.0), 1 / s_arr.size)
+    greedy = kl_softmax(s_arr, math.inf)
+    top = s_arr == s_arr.max()
+    np.testing.assert_allclose(greedy, top / top.sum())
+
+
+BAD = [
+    (dict(sq_norms=[1.0, -1.0], sizes=[1, 1], budget=1), "sq_norms"),
+    (dict(sq_norms=[1.0, float("nan")], sizes=[1, 1], budget=1), "sq_norms"),
+    (dict(sq_norms=[], sizes=[], budget=1), "sq_norms"),
+    (dict(sq_norms=[1.0, 1.0], sizes=[1, 0], budget=1), "sizes"),
+    (dict(sq_norms=[1.0, 1.0], sizes=[1, -3], budget=1), "sizes"),
+    (dict(sq_norms=[1.0, 1.0], sizes=[1, float("nan")], budget=1), "sizes"),
+    (dict(sq_norms=[1.0, 1.0], sizes=[1], budget=1), "sizes"),
+    (dict(sq_norms=[1.0, 1.0], sizes=[5, 7], budget=4), "budget"),
+    (dict(sq_norms=[1.0, 1.0], sizes=[5, 7], budget=0), "budget"),
+    (dict(sq_norms=[1.0, 1.0], sizes=[5, 7], budget=float("nan")), "budget"),
+    (dict(sq_norms=[1.0, 1.0], sizes=[5, 7], budget=-10), "budget"),
+    (dict(sq_norms=[1.0, 1.0], sizes=[5, 7], budget=10, groups=[0]), "groups"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "name"), BAD)
+@pytest.mark.parametrize("fn", [optimal_inclusion, optimal_variance, uncapped_optimal_variance])
+def test_bad_input_raises_value_error_naming_the_argument(fn: object, kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        fn(**kwargs)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(("floor", "budget"), [(-0.1, 10), (1.5, 10), (0.9, 10)])
+def test_bad_floor(floor: float, budget: float) -> None:
+    with pytest.raises(ValueError, match="floor"):
+        optimal_inclusion([1.0, 2.0], [5, 7], budget, floor=floor)
+
+
+@pytest.mark.parametrize(("scores", "eta", "name"), [([], 1.0, "scores"), ([1.0, float("nan")], 1.0, "scores"),
+                                                     ([1.0], -1.0, "eta"), ([1.0], float("nan"), "eta")])
+def test_kl_softmax_bad_input(scores: list, eta: float, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        kl_softmax(scores, eta)
+
+
+def test_variance_gap_bad_groups() -> None:
+    with pytest.raises(ValueError, match="groups"):
+        variance_gap([1.0, 2.0], [1, 1], 1, [0, 1, 2])
