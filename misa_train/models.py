@@ -105,6 +105,7 @@ def _build_cache(target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         fresh.save_pretrained(tmp)
+        tok.clean_up_tokenization_spaces = False
         _finish_tokenizer(tok).save_pretrained(tmp)
         try:
             os.rename(tmp, target)
@@ -136,6 +137,8 @@ def load_model(
         source = str(target)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(source)
+        # SmolLM2 is byte-level BPE: the GGUF-derived "clean up spaces" flag would only trigger a warning.
+        tok.clean_up_tokenization_spaces = False
     elif str(spec).endswith(".gguf"):
         path = Path(spec)
         if not path.is_file():
