@@ -1,0 +1,384 @@
+r"""Predicted peak GPU memory of one training step of a Llama-style decoder, per fine-tuning method.
+
+Pure Python (no torch): the numbers are an account of what PyTorch's autograd and the MISA trainer
+(misa_train.methods / optim.ActiveAdamW / losses.chunked_causal_lm_loss) keep alive, so the prediction can
+be checked on paper and compared with ``torch.cuda.max_memory_allocated`` (see misa_train.bench and
+docs/results.md for the residuals). All sizes are bytes; ``T = batch · seq`` tokens.
+
+Notation: hidden h, MLP width i, query width h_q = n_heads · d, key/value width h_kv = n_kv_heads · d
+(d = h / n_heads), vocabulary V, L layers. A "module" is one of q, k, v, o, gate, up, down of a layer.
+
+Assumptions (each one checked against a saved-tensor census of the Hugging Face Llama on CPU, see
+tests/test_memory_model.py, or against the GPU measurements):
+
+* Weights are bf16 (2 B/parameter); LoRA adapters are fp32 (peft's ``autocast_adapter_dtype``), 4 B.
+* Optimizer (ActiveAdamW): an active bf16 parameter holds an fp32 master (4 B) and fp32 m, v (8 B) = 12 B;
+  an active fp32 parameter holds m, v = 8 B. Gradients live in the parameter dtype (2 B or 4 B).
+  Inside ``step`` either the fp32 copies of the bf16 gradients or the fp32 ``sqrt(v)`` denominator
+  exist (never both: the copies are deleted first): +4 B per active parameter at the step peak.
+* Autograd saves a linear layer's *input* only when its weight requires grad, and its weight (no new
+  memory) only when its input requires grad; a frozen linear therefore costs no activation memory.
+* One decoder layer whose input requires grad saves (bytes):
+  RMSNorm ×2: fp32 copy of its input, 4·T·h each (+4·T for rsqrt; +2·T·h bf16 if the norm weight trains);
+  SDPA (flash, is_causal, GQA without repeat_kv): q, out 2·T·h_q each, k, v 2·T·h_kv each, logsumexp 4·T·n_heads;
+  SwiGLU: gate output, silu(gate output), up output: 3 · 2·T·i.
+  A trainable q/k/v (shared input), o, gate/up (shared input), down adds its bf16 input: 2·T·h, 2·T·h_q,
+  2·T·h, 2·T·i. A LoRA adapter adds the fp32 cast of its input (peft casts per adapter; 4·T·in) and
+  lora_A's output 4·T·r.
+* Which layers are on the autograd graph: a layer is, iff its input requires grad or it holds a trainable
+  parameter; the input requires grad iff something below trains (embeddings included) or the trainer
+  calls ``enable_input_require_grads`` (misa_train does that whenever gradient checkpointing is on and the
+  embeddings are frozen). So MISA's modules, spread over all layers, put every layer above the lowest
+  active one on the graph; BAdam's one layer without checkpointing lets backward stop below it.
+* Inside the lowest layer on the graph only what depends on a trainable weight is saved (e.g. an active
+  down_proj alone saves only its input), the same dataflow rule as above.
+* Checkpointing (non-reentrant, per decoder layer): each layer on the graph keeps only its input 2·T·h;
+  backward recomputes one layer at a time, so one layer's saved set exists at once.
+* Backward transient of one layer (gradients of the SwiGLU intermediates and of the residual stream):
+  ``6·T·i + 4·T·h`` bytes, the one constant here that is not a tensor census (calibrated globally on the
+  bench grid, never per row).
+* Loss: chunked CE keeps ∂L/∂hidden (2·T·h) from forward to backward, the final hidden (2·T·h), the final
+  norm's fp32 input (4·T·h), and while a chunk of c rows is processed about 8·c·V bytes (bf16 logits,
+  fp32 logits turned in place into ∂ℓ/∂z, its bf16 cast); a trainable head adds its fp32 gradient
+  accumulator 4·V·h. The HF loss (unchunked) holds bf16 logits 2·T·V, the fp32 log-softmax 4·T·V and its
+  transient fp32 upcast 4·T·V in forward; in backward two more fp32 T·V buffers (14·T·V in all).
+* Peak = max of three points: end of forward (everything saved + loss buffers), during backward (walking
+  the layers top-down: saved activations of the layers not yet processed + gradients produced so far +
+  one layer's transient), and the optimizer step (all gradients + the step's +4 B/parameter).
+* Not counted: CUDA context/cuBLAS workspaces (not in ``max_memory_allocated``), RoPE cos/sin tables,
+  attention-mask buffers (none with is_causal), the sampler's O(modules) vectors, allocator rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+GIB = float(2**30)
+KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("full", "lora", "lisa", "badam", "misa")
+# backward transient of one layer: c_i · T·i + c_h · T·h bytes (see the module docstring)
+BWD_TRANSIENT_I = 6.0
+BWD_TRANSIENT_H = 4.0
+CE_CHUNK_ELEMS = 1 << 25  # must match misa_train.losses._CHUNK_ELEMS
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shape numbers of a Llama-style decoder (HF LlamaConfig field names)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    head_dim: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any) -> Arch:
+        """Build from a dict or any object with LlamaConfig attributes."""
+        get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
+        return cls(int(get("hidden_size")), int(get("intermediate_size")), int(get("num_hidden_layers")),
+                   int(get("num_attention_heads")),
+                   int(get("num_key_value_heads") or get("num_attention_heads")),
+                   int(get("vocab_size")), bool(get("tie_word_embeddings", False)),
+                   get("head_dim", None))
+
+    @property
+    def d(self) -> int:
+        return int(self.head_dim or self.hidden_size // self.num_attention_heads)
+
+    @property
+    def hq(self) -> int:
+        return self.num_attention_heads * self.d
+
+    @property
+    def hkv(self) -> int:
+        return self.num_key_value_heads * self.d
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each module kind."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {"q_proj": (h, self.hq), "k_proj": (h, self.hkv), "v_proj": (h, self.hkv),
+                "o_proj": (self.hq, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def module_sizes(self) -> dict[str, int]:
+        return {k: a * b for k, (a, b) in self.module_shapes().items()}
+
+    def layer_params(self) -> int:
+        """Matrices + the two norm vectors of one decoder layer."""
+        return sum(self.module_sizes().values()) + 2 * self.hidden_size
+
+    def embed_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    def head_params(self) -> int:
+        """Parameters of an untied LM head (0 when tied)."""
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    def total_params(self) -> int:
+        """All distinct parameters (tied head once): embeddings + L layers + final norm + head."""
+        return (self.embed_params() + self.num_hidden_layers * self.layer_params() + self.hidden_size
+                + self.head_params())
+
+
+@dataclass
+class Estimate:
+    """Predicted peak and its itemisation at the peak point (bytes)."""
+
+    peak_bytes: int
+    phase: str                        # "forward_end" | "backward" | "optimizer_step"
+    breakdown: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, int] = field(default_factory=dict)  # every candidate point's total
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+
+def _layer_saved(a: Arch, T: int, x_grad: bool, trainable: set[str], norms: bool,
+                 lora_r: int | None) -> tuple[int, bool]:
+    """Bytes autograd saves in one decoder layer, and whether its output requires grad.
+
+    ``trainable``: module kinds whose base weight trains; ``lora_r``: LoRA on every kind (adapters train).
+    """
+    h, i, hq, hkv, nh = a.hidden_size, a.intermediate_size, a.hq, a.hkv, a.num_attention_heads
+    lora = lora_r is not None
+    r = lora_r or 0
+    b = 0
+    # attention block
+    if x_grad:
+        b += 4 * T * h + 4 * T
+    if norms:
+        b += 2 * T * h
+    n_grad = x_grad or norms
+    qkv_tr = [k for k in ("q_proj", "k_proj", "v_proj") if k in trainable]
+    if qkv_tr:
+        b += 2 * T * h
+    if lora:
+        b += 3 * (4 * T * h + 4 * T * r)
+    attn_grad = n_grad or bool(qkv_tr) or lora
+    if attn_grad:
+        b += 2 * T * hq * 2 + 2 * T * hkv * 2 + 4 * T * nh
+    if "o_proj" in trainable:
+        b += 2 * T * hq
+    if lora:
+        b += 4 * T * hq + 4 * T * r
+    h1_grad = x_grad or attn_grad or "o_proj" in trainable or lora
+    # MLP block
+    if h1_grad:
+        b += 4 * T * h + 4 * T
+    if norms:
+        b += 2 * T * h
+    m_grad = h1_grad or norms
+    if "gate_proj" in trainable or "up_proj" in trainable:
+        b += 2 * T * h
+    if lora:
+        b += 2 * (4 * T * h + 4 * T * r)
+    g_grad = m_grad or "gate_proj" in trainable or lora
+    u_grad = m_grad or "up_proj" in trainable or lora
+    if g_grad:
+        b += 2 * T * i          # silu saves its input
+    if u_grad:
+        b += 2 * T * i          # the product saves silu(g)
+    if g_grad:
+        b += 2 * T * i          # ... and u
+    if "down_proj" in trainable:
+        b += 2 * T * i
+    if lora:
+        b += 4 * T * i + 4 * T * r
+    out_grad = h1_grad or g_grad or u_grad or "down_proj" in trainable or lora
+    return b, out_grad
+
+
+def _lora_layer_params(a: Arch, r: int) -> int:
+    return sum(r * (fi + fo) for fi, fo in a.module_shapes().values())
+
+
+def method_plan(a: Arch, method: str, *, delta: float = 0.01, lisa_layers: int = 2, badam_layers: int = 1,
+                active: Iterable[tuple[int, str]] | None = None, train_embeddings: bool | None = None,
+                train_head: bool | None = None) -> dict[str, Any]:
+    """What trains: per-layer trainable kinds, embeddings/head/norm flags, active bf16 parameter count.
+
+    ``active``: explicit (layer, kind) pairs for misa/lisa/badam (e.g. a draw the bench recorded). Without
+    it the worst case for memory is assumed: misa fills ``floor(δ·P)`` with modules in the order
+    down, gate, up, q, o, k, v of layers 0, 1, 2, ... (so backward runs through every layer); lisa/badam
+    take layers 0..k-1. lisa trains embeddings and head by default (the bench's LISA), others do not.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: unknown {method!r}; expected one of {METHODS}")
+    L = a.num_hidden_layers
+    per_layer: list[set[str]] = [set() for _ in range(L)]
+    emb = bool(train_embeddings) if train_embeddings is not None else method in ("lisa", "full")
+    head = bool(train_head) if train_head is not None else method in ("lisa", "full")
+    norms = method == "full"
+    if method == "full":
+        per_layer = [set(KINDS) for _ in range(L)]
+    elif method in ("misa", "lisa", "badam"):
+        if active is not None:
+            for layer, kind in active:
+                per_layer[int(layer)].add(kind)
+        elif method == "misa":
+            budget = math.floor(delta * a.total_params())
+            sizes = a.module_sizes()
+            order = ("down_proj", "gate_proj", "up_proj", "q_proj", "o_proj", "k_proj", "v_proj")
+            used = 0
+            for layer in range(L):
+                placed = False
+                for k in order:
+                    if used + sizes[k] <= budget:
+                        per_layer[layer].add(k)
+                        used += sizes[k]
+                        placed = True
+                        break
+                if not placed:
+                    break
+        else:
+            k = lisa_layers if method == "lisa" else badam_layers
+            for layer in range(min(k, L)):
+                per_layer[layer] = set(KINDS)
+    sizes = a.module_sizes()
+    layer_active = [sum(sizes[k] for k in s) for s in per_layer]
+    if norms:
+        layer_active = [n + 2 * a.hidden_size for n in layer_active]
+    head_n = 0
+    if head:
+        head_n = a.head_params()  # tied: the head is the embedding matrix, counted there
+    emb_n = a.embed_params() if (emb or (head and a.tie_word_embeddings)) else 0
+    final_norm = a.hidden_size if norms else 0
+    return {"per_layer": per_layer, "layer_active": layer_active, "emb": emb_n > 0, "emb_n": emb_n,
+            "head_n": head_n, "head_trains": head, "norms": norms, "final_norm_n": final_norm,
+            "n_active": sum(layer_active) + emb_n + head_n + final_norm}
+
+
+def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch: int = 1,
+                 ckpt: bool = False, delta: float = 0.01, lisa_layers: int = 2, badam_layers: int = 1,
+                 lora_r: int = 16, chunked_ce: bool = True, active: Iterable[tuple[int, str]] | None = None,
+                 train_embeddings: bool | None = None, train_head: bool | None = None,
+                 input_grads: bool | None = None) -> Estimate:
+    """Peak bytes of one training step (see the module docstring for every assumption).
+
+    Args:
+        arch: HF-style config (dict or Arch). method: full | lora | lisa | badam | misa.
+        seq, batch: tokens per step T = seq·batch. ckpt: per-layer activation checkpointing.
+        delta: MISA budget fraction of all parameters. lisa_layers/badam_layers: layers per period.
+        lora_r: LoRA rank (adapters on all seven kinds). chunked_ce: chunked loss vs. HF full logits.
+        active: explicit (layer, kind) draw for sampled methods (default: the worst case, see method_plan).
+        input_grads: whether the embedding output requires grad; default = what misa_train does
+            (embeddings train, or checkpointing with frozen embeddings).
+    Returns an Estimate: peak bytes, the phase it occurs in, the itemisation at that point.
+    """
+    a = arch if isinstance(arch, Arch) else Arch.from_config(arch)
+    if seq < 2 or batch < 1:
+        raise ValueError("seq must be >= 2 and batch >= 1")
+    T = seq * batch
+    h, V, L = a.hidden_size, a.vocab_size, a.num_hidden_layers
+    plan = method_plan(a, method, delta=delta, lisa_layers=lisa_layers, badam_layers=badam_layers,
+                       active=active, train_embeddings=train_embeddings, train_head=train_head)
+    lora_r_eff = lora_r if method == "lora" else None
+    if input_grads is None:
+        input_grads = plan["emb"] or (ckpt and not plan["emb"])
+
+    # --- persistent: weights and optimizer state
+    weights = 2 * a.total_params()
+    lora_n = L * _lora_layer_params(a, lora_r) if method == "lora" else 0
+    weights += 4 * lora_n
+    n_bf16 = plan["n_active"]
+    master = 4 * n_bf16
+    adam = 8 * (n_bf16 + lora_n)
+    grad_bytes = [2 * n for n in plan["layer_active"]]
+    if lora_n:
+        grad_bytes = [4 * _lora_layer_params(a, lora_r)] * L
+    grad_emb = 2 * plan["emb_n"]
+    grad_head = 2 * plan["head_n"]
+    grad_total = sum(grad_bytes) + grad_emb + grad_head + 2 * plan["final_norm_n"]
+
+    # --- saved activations per layer (and which layers are on the graph)
+    saved = []
+    x_grad = bool(input_grads)
+    on_graph = []
+    for layer in range(L):
+        tr = plan["per_layer"][layer]
+        b, out_grad = _layer_saved(a, T, x_grad, tr, plan["norms"], lora_r_eff)
+        on_graph.append(x_grad or b > 0)
+        saved.append(b)
+        x_grad = out_grad
+    transient = int(BWD_TRANSIENT_I * T * a.intermediate_size + BWD_TRANSIENT_H * T * h)
+    if ckpt:
+        kept = [2 * T * h if g else 0 for g in on_graph]
+        recompute = max(saved) if saved else 0
+    else:
+        kept = saved
+        recompute = 0
+
+    # --- loss path
+    final = (4 * T * h + 4 * T if x_grad else 0) + 2 * T * h   # final norm's saved input, the final hidden
+    if chunked_ce:
+        c = max(64, CE_CHUNK_ELEMS // V)
+        loss_keep = (2 * T * h if x_grad else 0) + (4 * V * h if plan["head_trains"] else 0)
+        loss_fwd_peak = loss_keep + 8 * min(c, T) * V
+        loss_bwd = loss_keep + 2 * T * h + (2 * V * h if plan["head_trains"] else 0)
+    else:
+        loss_keep = 6 * T * V
+        loss_fwd_peak = 10 * T * V
+        loss_bwd = 14 * T * V + 2 * T * h
+
+    base = weights + master + adam
+    acts = sum(kept) + final
+    fwd_end = base + acts + loss_fwd_peak
+    # backward: top-down; at layer l the layers below still hold their activations
+    bwd_peak = base + acts + loss_bwd - final + 2 * T * h  # the first step of backward (loss)
+    below = sum(kept)
+    grads_so_far = grad_head
+    for layer in reversed(range(L)):
+        if not on_graph[layer]:
+            continue
+        below -= kept[layer]
+        here = (base + below + (kept[layer] + recompute if ckpt else saved[layer]) + grads_so_far
+                + grad_bytes[layer] + transient + 2 * T * h)
+        bwd_peak = max(bwd_peak, here)
+        grads_so_far += grad_bytes[layer]
+    n_opt = n_bf16 + lora_n
+    step = base + grad_total + 4 * n_opt
+    phases = {"forward_end": int(fwd_end), "backward": int(bwd_peak), "optimizer_step": int(step)}
+    phase = max(phases, key=phases.__getitem__)
+    breakdown = {"weights_bf16": weights, "fp32_masters": master, "adam_moments": adam}
+    if phase == "optimizer_step":
+        breakdown.update(gradients=grad_total, step_fp32_temporaries=4 * n_opt)
+    elif phase == "forward_end":
+        breakdown.update(saved_activations=sum(kept), final_hidden_and_norm=final, loss_buffers=loss_fwd_peak)
+    else:
+        breakdown.update(activations_and_backward=int(bwd_peak - base))
+    return Estimate(int(phases[phase]), phase, {k: int(v) for k, v in breakdown.items()}, phases)
+
+
+def flops_per_token(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, delta: float = 0.01,
+                    lisa_layers: int = 2, badam_layers: int = 1, lora_r: int = 16,
+                    active: Iterable[tuple[int, str]] | None = None, lowest_graph_layer: int = 0) -> float:
+    """Model FLOPs per trained token of one forward+backward (recomputation not counted: MFU, not HFU).
+
+    forward  = 2·(matrices of all layers + head) + 2·L·seq·h_q      (causal attention, QKᵀ and AV halved)
+    backward = input-gradients through the layers on the graph (2·their matrices + 2× their attention)
+               + 2·head (∂L/∂hidden) + weight-gradients 2·(active matrices)
+    For full fine-tuning this is the usual 6·N (+ attention) per token; for LoRA the weight-gradient
+    term is the adapters' (and their forward). ``lowest_graph_layer``: first layer backward reaches.
+    """
+    a = arch if isinstance(arch, Arch) else Arch.from_config(arch)
+    L = a.num_hidden_layers
+    mats = sum(a.module_sizes().values())
+    head = a.vocab_size * a.hidden_size
+    attn = 2 * seq * a.hq  # per layer per token, causal
+    fwd = 2 * (L * mats + head) + L * attn
+    on = L - lowest_graph_layer
+    bwd_in = 2 * (on * mats) + 2 * head + 2 * on * attn
+    plan = method_plan(a, method, delta=delta, lisa_layers=lisa_layers, badam_layers=badam_layers,
+                       active=active)
+    if method == "lora":
+        lp = L * _lora_layer_params(a, lora_r)
+        return float(fwd + bwd_in + 2 * lp + 2 * lp + 2 * lp)
+    w = sum(plan["layer_active"]) + plan["head_n"] + (head if plan["emb"] and a.tie_word_embeddings else 0)
+    return float(fwd + bwd_in + 2 * w)

@@ -1,0 +1,319 @@
+"""Memory/throughput benchmark of the trainer's methods on random-initialised Llama architectures.
+
+    python -m misa_train.bench --models llama3-8b --methods misa1,misa3,badam,lisa,lora,full \
+        --seqs 1024,4096,8192 --ckpt both --steps 6 --out docs/results
+    python -m misa_train.bench --quick --out /tmp/bench      # tiny model on CPU (what the test runs)
+
+Each configuration runs in this process, one after the other: build the model (``from_config`` on the
+device, bf16, SDPA attention), ``find_modules`` + ``build_method`` exactly as ``misa_train.train.run`` does
+(so LoRA is peft, the sampled methods use ModuleSampler and ActiveAdamW), then warm-up steps and timed
+steps of the trainer's step: ``begin_period`` -> forward + chunked cross-entropy (losses.model_loss) ->
+backward -> ``after_backward`` -> clip to 1.0 -> ``step`` -> ``end_period`` every T steps. With T = 2 the
+timed steps cross sampler switches (state freed and allocated), as in a real run.
+
+Measured per configuration:
+* peak: ``torch.cuda.max_memory_allocated`` from after the model is built to the last step (the stats are
+  reset per configuration; everything is freed and the cache emptied between configurations);
+* tokens/s: batch·seq / median step time (``cuda.synchronize`` + ``perf_counter`` around each step);
+* MFU: misa_theory.memory.flops_per_token (method-matched forward + backward model FLOPs, no recompute)
+  × tokens/s / the device's dense bf16 peak (989.4 TFLOP/s for H100/H200 SXM);
+* the memory model's prediction (max over the draws seen) and its relative error.
+A CUDA out-of-memory is caught and reported as OOM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from misa_theory import memory as mm
+
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                      rope_theta=500000.0, max_position_embeddings=8192),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                        rope_theta=500000.0, max_position_embeddings=8192),
+    # Llama proportions at toy size: the smallest module (k_proj) still fits a 1% budget
+    "tiny": dict(hidden_size=64, intermediate_size=224, num_hidden_layers=3, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False, max_position_embeddings=256),
+}
+# name -> (TrainConfig.method, overrides)
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "full": ("full", {}),
+    "lora": ("lora", {"lora_r": 16, "lora_alpha": 32.0}),
+    "lisa": ("lisa", {"lisa_layers": 2, "train_embeddings": True, "train_head": True}),
+    "badam": ("badam", {"badam_layers": 1}),
+    "misa1": ("misa", {"delta": 0.01}),
+    "misa3": ("misa", {"delta": 0.03}),
+}
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _build(arch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(**arch, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with device:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model
+
+
+def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: int, warmup: int,
+            period: int, device: torch.device, batch: int = 1) -> dict[str, Any]:
+    """One configuration: build, warm up, time; returns the row (never raises on CUDA OOM)."""
+    from misa_train.config import TrainConfig
+    from misa_train.losses import model_loss
+    from misa_train.methods import build_method
+    from misa_train.modules import count_parameters, find_modules
+
+    arch = ARCHS[model_name]
+    method, over = METHODS[method_name]
+    row: dict[str, Any] = {"model": model_name, "method": method_name, "seq": seq, "batch": batch,
+                           "ckpt": ckpt, "status": "ok"}
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    state: dict[str, Any] = {}
+    try:
+        model = _build(arch, device, dtype)
+        state["model"] = model
+        modules = find_modules(model)
+        total = count_parameters(model)
+        cfg = TrainConfig(method=method, period=period, grad_checkpointing=ckpt, max_seq_len=seq,
+                          batch_size=batch, lr=1e-5, warmup_steps=0, max_steps=warmup + steps, **over)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        # the same set-up sequence as misa_train.train.run
+        if ckpt:
+            model.config.use_cache = False
+        m = build_method(cfg, model, modules, total)
+        state["method"] = m
+        net = m.model
+        if ckpt:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            emb = model.get_input_embeddings().weight
+            if not emb.requires_grad and not hasattr(model, "_require_grads_hook"):
+                model.enable_input_require_grads()
+        net.train()
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        times, draws, losses = [], [], []
+        for step in range(warmup + steps):
+            ids = torch.randint(0, arch["vocab_size"], (batch, seq), generator=gen).to(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            m.begin_period(step)
+            loss = model_loss(net, {"input_ids": ids})
+            loss.backward()
+            if bool(torch.isfinite(loss.detach())):
+                m.after_backward()
+                m.clip_grad_norm_(1.0)
+                m.step(1e-5)
+            if (step + 1) % period == 0:
+                m.end_period()
+            _sync(device)
+            dt = time.perf_counter() - t0
+            losses.append(float(loss.detach()))
+            del loss
+            if method in ("misa", "lisa", "badam"):
+                idx = m.active_indices()
+                draws.append([[modules[i].layer, modules[i].kind] for i in idx])
+            if step >= warmup:
+                times.append(dt)
+        med = statistics.median(times)
+        row.update(step_s=med, tokens_per_s=batch * seq / med, loss_first=losses[0], loss_last=losses[-1],
+                   total_params=total, active_params=m.stats()["active_params"])
+        if device.type == "cuda":
+            row["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+            row["peak_gib"] = row["peak_bytes"] / mm.GIB
+        row["draws"] = draws
+    except torch.OutOfMemoryError as e:
+        row.update(status="OOM", error=str(e).splitlines()[0][:200])
+    finally:
+        state.clear()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    _predict(row, arch, method, over, batch)
+    return row
+
+
+def _predict(row: dict[str, Any], arch: dict[str, Any], method: str, over: dict[str, Any], batch: int) -> None:
+    """Memory-model prediction (max over the recorded draws) and FLOP-based MFU."""
+    kw = dict(seq=row["seq"], batch=batch, ckpt=row["ckpt"], delta=over.get("delta", 0.01),
+              lisa_layers=over.get("lisa_layers", 2), badam_layers=over.get("badam_layers", 1),
+              lora_r=over.get("lora_r", 16), train_embeddings=over.get("train_embeddings"),
+              train_head=over.get("train_head"))
+    draws = row.get("draws") or [None]
+    ests = [mm.predict_peak(arch, method, active=None if d is None else [tuple(x) for x in d], **kw)
+            for d in draws]
+    est = max(ests, key=lambda e: e.peak_bytes)
+    row["pred_gib"] = est.peak_gib
+    row["pred_phase"] = est.phase
+    row["pred_breakdown_gib"] = {k: v / mm.GIB for k, v in est.breakdown.items()}
+    if row.get("peak_bytes"):
+        row["pred_err_pct"] = 100.0 * (est.peak_bytes - row["peak_bytes"]) / row["peak_bytes"]
+    if row.get("tokens_per_s"):
+        fl = []
+        for d in draws:
+            act = None if d is None else [tuple(x) for x in d]
+            low = 0
+            if method in ("misa", "badam") and act and not row["ckpt"]:
+                low = min(layer for layer, _ in act)
+            fl.append(mm.flops_per_token(arch, method, seq=row["seq"], delta=kw["delta"],
+                                         lisa_layers=kw["lisa_layers"], badam_layers=kw["badam_layers"],
+                                         lora_r=kw["lora_r"], active=act, lowest_graph_layer=low))
+        row["flops_per_token"] = float(np.mean(fl))
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'model':<12} {'method':<6} {'seq':>5} {'ckpt':>4} {'peak GiB':>9} {'pred GiB':>9} {'err %':>6} "
+            f"{'tok/s':>8} {'MFU %':>6}  phase")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else ("OOM" if r["status"] == "OOM" else "-")
+        err = f"{r['pred_err_pct']:+.1f}" if r.get("pred_err_pct") is not None else "-"
+        tok = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
+        mfu = f"{100 * r['mfu']:.1f}" if r.get("mfu") is not None else "-"
+        out.append(f"{r['model']:<12} {r['method']:<6} {r['seq']:>5} {'on' if r['ckpt'] else 'off':>4} "
+                   f"{peak:>9} {r['pred_gib']:>9.2f} {err:>6} {tok:>8} {mfu:>6}  {r.get('pred_phase', '')}")
+    return "\n".join(out)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the bench's numbers matter more than its picture
+        return
+    ok = [r for r in rows if r.get("peak_gib") is not None or r["status"] == "OOM"]
+    if not ok:
+        ok = rows
+    labels = [f"{r['model'][:8]} {r['method']} {r['seq']}{'c' if r['ckpt'] else ''}" for r in ok]
+    x = np.arange(len(ok))
+    fig, ax = plt.subplots(2, 1, figsize=(max(8, 0.28 * len(ok)), 8), sharex=True)
+    meas = [r.get("peak_gib") or 0.0 for r in ok]
+    ax[0].bar(x - 0.2, meas, 0.4, label="measured peak")
+    ax[0].bar(x + 0.2, [r["pred_gib"] for r in ok], 0.4, label="memory model", alpha=0.7)
+    for j, r in enumerate(ok):
+        if r["status"] == "OOM":
+            ax[0].text(j, 1, "OOM", rotation=90, ha="center", fontsize=7)
+    ax[0].set_ylabel("GiB")
+    ax[0].legend()
+    ax[1].bar(x, [r.get("tokens_per_s") or 0.0 for r in ok])
+    ax[1].set_ylabel("tokens/s")
+    ax[1].set_xticks(x, labels, rotation=90, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status."""
+    p = argparse.ArgumentParser(prog="python -m misa_train.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="llama3-8b,llama3.2-1b", help=f"comma list of {list(ARCHS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {list(METHODS)}")
+    p.add_argument("--seqs", default="1024,4096,8192")
+    p.add_argument("--ckpt", default="both", choices=("on", "off", "both"))
+    p.add_argument("--steps", type=int, default=4, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--period", type=int, default=2, help="T: steps between draws")
+    p.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
+    p.add_argument("--tag", default="bench", help="file name stem of the outputs")
+    p.add_argument("--quick", action="store_true", help="tiny model on CPU, seq 32, every method")
+    a = p.parse_args(argv)
+    if a.quick:
+        models, seqs, device = ["tiny"], [32], torch.device("cpu")
+        steps, warmup = min(a.steps, 3), 1
+    else:
+        models = a.models.split(",")
+        seqs = [int(s) for s in a.seqs.split(",")]
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        steps, warmup = a.steps, a.warmup
+    methods = a.methods.split(",")
+    for name, known in ((models, ARCHS), (methods, METHODS)):
+        bad = [x for x in name if x not in known]
+        if bad:
+            print(f"bench: unknown {bad}; known: {list(known)}", file=sys.stderr)
+            return 2
+    ckpts = {"on": [True], "off": [False], "both": [False, True]}[a.ckpt]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+            or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "git_commit": _git_commit(),
+            "argv": sys.argv[1:] if argv is None else argv, "peak_bf16_flops": _peak_flops(device),
+            "steps": steps, "warmup": warmup, "period": a.period}
+    try:
+        import peft
+
+        meta["peft"] = peft.__version__
+    except ImportError:
+        meta["peft"] = None
+    rows: list[dict[str, Any]] = []
+    for model_name in models:
+        for seq in seqs:
+            for ck in ckpts:
+                for meth in methods:
+                    t0 = time.perf_counter()
+                    r = run_one(model_name, meth, seq, ck, steps=steps, warmup=warmup, period=a.period,
+                                device=device)
+                    pk = meta["peak_bf16_flops"]
+                    if pk and r.get("tokens_per_s") and r.get("flops_per_token"):
+                        r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / pk
+                    r["wall_s"] = time.perf_counter() - t0
+                    rows.append(r)
+                    print(_table([r]).splitlines()[-1], f" ({r['wall_s']:.0f}s)", flush=True)
+                    # rewrite after each row: a run cut short by a time limit still leaves its numbers
+                    (out / f"{a.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print()
+    print(_table(rows))
+    _plot(rows, out / f"{a.tag}.png")
+    errs = [abs(r["pred_err_pct"]) for r in rows if r.get("pred_err_pct") is not None]
+    if errs:
+        print(f"\nmemory model: max |err| {max(errs):.1f}%, mean |err| {sum(errs) / len(errs):.1f}% "
+              f"over {len(errs)} measured rows")
+    if os.environ.get("BENCH_FAIL_ON_NAN") and any(not math.isfinite(r.get("loss_last", 0.0)) for r in rows):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
