@@ -1,0 +1,132 @@
+"""Arithmetic of misa_theory.memory: hand-computed small cases, monotonicity, method ordering, and the
+per-layer saved-activation rule against a census of what autograd really saves (CPU, tiny Llama)."""
+
+from __future__ import annotations
+
+import pytest
+
+from misa_theory import memory as mm
+
+TINY = dict(hidden_size=64, intermediate_size=224, num_hidden_layers=3, num_attention_heads=8,
+            num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
+L8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+           num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+
+
+def test_parameter_count_llama3_8b():
+    assert mm.Arch.from_config(L8B).total_params() == 8_030_261_248
+    # bf16 weights alone: the 14.96 GiB floor of the brief
+    assert 2 * mm.Arch.from_config(L8B).total_params() / mm.GIB == pytest.approx(14.96, abs=0.01)
+
+
+def test_layer_saved_hand_computed():
+    a = mm.Arch.from_config(TINY)
+    T, h, i, hq, hkv, nh = 10, 64, 224, 64, 16, 8
+    frozen_with_grad, out = mm._layer_saved(a, T, True, set(), False, None)
+    want = 2 * (4 * T * h + 4 * T) + 2 * (2 * T * hq) + 2 * (2 * T * hkv) + 4 * T * nh + 3 * 2 * T * i
+    assert out and frozen_with_grad == want
+    nothing, out = mm._layer_saved(a, T, False, set(), False, None)
+    assert nothing == 0 and not out
+    # an active down_proj alone (input without grad) saves only its input
+    down, out = mm._layer_saved(a, T, False, {"down_proj"}, False, None)
+    assert down == 2 * T * i and out
+
+
+def test_optimizer_step_phase_hand_computed():
+    # tiny seq: the optimizer step dominates for full fine-tuning; 2 (weight) + 12 + 2 + 4 bytes/param
+    a = mm.Arch.from_config(TINY)
+    e = mm.predict_peak(TINY, "full", seq=2)
+    assert e.phase == "optimizer_step"
+    assert e.peak_bytes == 20 * a.total_params()
+
+
+def test_monotone_in_seq_and_delta():
+    for ck in (False, True):
+        p = [mm.predict_peak(L8B, "misa", seq=s, ckpt=ck, delta=0.01).peak_bytes for s in (512, 1024, 4096, 8192)]
+        assert p == sorted(p)
+    d = [mm.predict_peak(L8B, "misa", seq=1024, delta=x).peak_bytes for x in (0.01, 0.03, 0.1, 0.3)]
+    assert d == sorted(d)
+
+
+def test_checkpointing_saves_memory_at_long_sequences():
+    for meth in ("misa", "lora", "badam"):
+        assert (mm.predict_peak(L8B, meth, seq=8192, ckpt=True).peak_bytes
+                < mm.predict_peak(L8B, meth, seq=8192, ckpt=False).peak_bytes)
+
+
+def test_method_ordering():
+    kw = dict(seq=1024, ckpt=True)
+    full = mm.predict_peak(L8B, "full", **kw).peak_bytes
+    lisa = mm.predict_peak(L8B, "lisa", **kw).peak_bytes
+    misa = mm.predict_peak(L8B, "misa", delta=0.01, **kw).peak_bytes
+    assert misa < lisa < full
+    assert full > 100 * mm.GIB  # 8B full AdamW cannot fit one 80 GB card
+
+
+def test_badam_backward_stops_below_its_layer_without_checkpointing():
+    low = mm.predict_peak(L8B, "badam", seq=4096, active=[(0, k) for k in mm.KINDS]).peak_bytes
+    high = mm.predict_peak(L8B, "badam", seq=4096, active=[(31, k) for k in mm.KINDS]).peak_bytes
+    assert high < low
+
+
+def test_chunked_ce_beats_full_logits():
+    a = mm.predict_peak(L8B, "misa", seq=8192, ckpt=True, chunked_ce=True).peak_bytes
+    b = mm.predict_peak(L8B, "misa", seq=8192, ckpt=True, chunked_ce=False).peak_bytes
+    assert b - a > 8 * mm.GIB
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="method"):
+        mm.predict_peak(TINY, "sgd", seq=8)
+    with pytest.raises(ValueError, match="seq"):
+        mm.predict_peak(TINY, "misa", seq=1)
+
+
+def test_flops_full_is_6n_plus_attention():
+    a = mm.Arch.from_config(L8B)
+    f = mm.flops_per_token(L8B, "full", seq=1024)
+    n = a.total_params() - a.embed_params()  # matrices + head (+ tiny norms)
+    assert f == pytest.approx(6 * n + 3 * 32 * 2 * 1024 * 4096, rel=1e-3)
+
+
+def test_saved_activation_rule_matches_autograd_census():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(**TINY, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    a = mm.Arch.from_config(TINY)
+    S = 32
+    cases = [([], True), (["layers.1.self_attn.v_proj"], False), (["layers.1.mlp.down_proj"], False),
+             (["layers.0.self_attn.o_proj", "layers.2.mlp.gate_proj"], False)]
+    for names, input_grad in cases:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for n, p in model.named_parameters():
+            if any(x in n for x in names):
+                p.requires_grad_(True)
+        store: dict[int, int] = {}
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t, store=store, params=params):
+            ptr = t.untyped_storage().data_ptr()
+            if t.dim() >= 1 and ptr not in params:
+                store[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        emb = model.model.embed_tokens(torch.randint(0, 128, (1, S)))
+        emb.requires_grad_(input_grad)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.model(inputs_embeds=emb)
+        per_layer: list[set[str]] = [set(), set(), set()]
+        for n in names:
+            layer = int(n.split(".")[1])
+            per_layer[layer].add(n.split(".")[-1])
+        x_grad, want = input_grad, 0
+        for layer in range(3):
+            b, x_grad = mm._layer_saved(a, S, x_grad, per_layer[layer], False, None)
+            want += b
+        if x_grad:
+            want += 4 * S * 64 + 4 * S  # final norm
+        rope = 2 * S * a.d * 2  # cos and sin (bf16), not in the model: they are tiny at real sizes
+        assert sum(store.values()) - (rope if x_grad else 0) == want, names
