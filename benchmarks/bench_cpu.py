@@ -32,8 +32,12 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def worker(method: str, steps: int, warmup: int, batch: int, seq: int, delta: float, threads: int) -> dict:
-    """Time ``warmup + steps`` training steps of one method in this process; return the measurements."""
+def worker(method: str, steps: int, warmup: int, batch: int, seq: int, delta: float, threads: int,
+           from_config: str | None = None) -> dict:
+    """Time ``warmup + steps`` training steps of one method in this process; return the measurements.
+
+    ``from_config``: a model folder/config.json to build *randomly initialised* (same architecture, same
+    time and memory; for machines without the embedded weights)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -46,7 +50,12 @@ def worker(method: str, steps: int, warmup: int, batch: int, seq: int, delta: fl
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = TrainConfig(method=method, delta=delta, period=20, lr=1e-5, device="cpu", dtype="fp32")
-    model, _ = load_model(None, dtype=torch.float32, device="cpu")
+    if from_config:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(from_config), dtype=torch.float32)
+    else:
+        model, _ = load_model(None, dtype=torch.float32, device="cpu")
     model.config.use_cache = False
     modules = find_modules(model)
     total = count_parameters(model)
@@ -76,7 +85,7 @@ def worker(method: str, steps: int, warmup: int, batch: int, seq: int, delta: fl
 def _child(args: argparse.Namespace, method: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--delta", str(args.delta),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--from-config", args.from_config] if args.from_config else [])
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         raise SystemExit(f"bench_cpu: error: {method} worker failed: {res.stderr.strip().splitlines()[-1:]}")
@@ -95,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads per child; 0 = torch's default")
     p.add_argument("--methods", default="misa,full", help="comma-separated methods to compare")
     p.add_argument("--out", default="bench_cpu.json", help="JSON results file")
+    p.add_argument("--from-config", default=None,
+                   help="build this model config with random weights instead of loading SmolLM2's")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.warmup, args.batch, args.seq, args.delta,
-                                args.threads)))
+                                args.threads, args.from_config)))
         return 0
     methods = args.methods.split(",")
     runs: dict[str, list[dict]] = {m: [] for m in methods}
