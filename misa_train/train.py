@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from misa_train import checkpoint as ckpt_mod
-from misa_train import report
+from misa_train import distributed, report
 from misa_train.config import (
     ConfigError,
     TrainConfig,
@@ -201,7 +201,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     Summary keys: run_dir, method, steps, start_step, train_loss, val_loss_start, val_loss_end,
     accuracy_before, accuracy_after, tokens_per_s, step_time_s (median over log intervals), peak_mem_mb,
     stats (method.stats()), exit_code (0, or 130/143 after SIGINT/SIGTERM), stopped (reason or None).
+    Under torchrun (WORLD_SIZE > 1) every rank runs this; see misa_train/distributed.py.
     """
+    dist = distributed.setup(dataclasses.replace(cfg).validate())
+    try:  # the process group is destroyed whatever happens, so no peer waits on a dead rank
+        return _run(cfg, dist, distributed.reporter(dist, report))
+    finally:
+        dist.close()
+
+
+def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any]:
+    """Body of :func:`run`; ``report`` is the report module on rank 0 and a no-op stand-in elsewhere."""
     from tqdm.auto import tqdm
 
     from misa_train.methods import build_method
@@ -210,25 +220,29 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     cfg = dataclasses.replace(cfg).validate()
     run_dir, ckpt = _resolve_run(cfg)
+    run_dir = dist.broadcast(run_dir)  # a default run folder name holds rank 0's timestamp
     if ckpt is not None:
         meta = ckpt_mod.read_meta(ckpt)
-        check_resume_compatible(cfg, meta.get("config", {}), int(meta.get("world_size", 1)), world_size())
+        check_resume_compatible(cfg, meta.get("config", {}),
+                                distributed.resumable_world(meta, world_size(), ckpt), world_size())
 
-    device = resolve_device(cfg.device)
+    device = dist.device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     cfg = dataclasses.replace(cfg, device=str(device), dtype="bf16" if dtype == torch.bfloat16 else "fp32")
     seed_everything(cfg.seed)
 
     try:
-        model, tokenizer = load_model(cfg.model, dtype=dtype, device=device)
+        model, tokenizer = load_model(cfg.model, dtype=dtype, device=dist.load_device(device))
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+    model = dist.shard(model, dtype, device)
     modules = find_modules(model)
     total_params = count_parameters(model)
     validate_against_model(cfg, modules, total_params, _max_positions(model))
     if cfg.grad_checkpointing and hasattr(model, "config"):
         model.config.use_cache = False  # a KV cache is useless in training and clashes with checkpointing
     method = build_method(cfg, model, modules, total_params)
+    method.allreduce = dist.allreduce_sum  # sharded grads: each rank's sq norms are partial sums
     net = method.model
     if cfg.grad_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -242,7 +256,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     start_step = 0
     if ckpt is not None:
-        method_state, trainer_state = ckpt_mod.load_checkpoint(ckpt, net)
+        if distributed.is_dcp_checkpoint(ckpt):
+            method_state, trainer_state = dist.load_checkpoint(ckpt, net, method)
+        else:
+            method_state, trainer_state = ckpt_mod.load_checkpoint(ckpt, net)
         method.load_state_dict(method_state)
         train_batches.load_state_dict(trainer_state["data"])
         ckpt_mod.set_rng_state(trainer_state["rng"])
@@ -256,8 +273,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     log = report.MetricsLog(run_dir / "metrics.jsonl")
     log.log("start", start_step, resumed_from=str(ckpt) if ckpt else None, device=str(device),
             total_params=total_params, n_modules=len(modules))
-    print(f"misa_train: run folder {run_dir} ({cfg.method}, {device}, {cfg.dtype}, "
-          f"{total_params / 1e6:.1f}M params, {len(modules)} modules)", file=sys.stderr, flush=True)
+    if dist.is_main:
+        print(f"misa_train: run folder {run_dir} ({cfg.method}, {device}, {cfg.dtype}, "
+              f"{total_params / 1e6:.1f}M params, {len(modules)} modules, world {dist.world})",
+              file=sys.stderr, flush=True)
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "method": cfg.method, "start_step": start_step,
                                "exit_code": 0, "stopped": None, "val_loss_start": None,
@@ -282,7 +301,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             summary["val_loss_end"], summary["accuracy_after"] = rec["val_loss"], rec.get("accuracy")
 
     def save(step: int) -> Path:
-        path = ckpt_mod.save_checkpoint(
+        saver = dist.save_checkpoint if dist.sharded else ckpt_mod.save_checkpoint
+        path = saver(
             run_dir, step, model=net, adapter_only=(cfg.method == "lora"),
             method_state=method.state_dict(),
             trainer_state={"step": step, "data": train_batches.state_dict(), "rng": ckpt_mod.rng_state()},
@@ -301,7 +321,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     step_times: list[float] = []
     tokens_total, time_total = 0, 0.0
     last_loss: float | None = None
-    pbar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress, desc=cfg.method,
+    pbar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress or not dist.is_main, desc=cfg.method,
                 dynamic_ncols=True, file=sys.stderr)
     batches = iter(train_batches)
 
@@ -326,21 +346,24 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         pbar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:.0f}")
         tokens_since, interval_steps, t_since = 0, 0, time.perf_counter()
 
-    with _SignalStop() as stop:
+    with _SignalStop() as raw_stop:
+        stop = distributed.AgreedStop(raw_stop, dist)  # every rank stops at the same step
         while step < cfg.max_steps:
             # full/lora pick their one fixed set in build_method; log it once so the heatmap has a column
             if method.begin_period(step) or step == 0:
                 active = np.flatnonzero(method.active_mask()).tolist()
+                dist.check_same_active(active)
                 log.log("period", step, active=active, active_params=method.stats().get("active_params"))
             step_loss = torch.zeros((), device=device)
             for _ in range(cfg.grad_accum):
                 batch = next(batches)
                 tokens_since += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                batch = {k: v.to(device, non_blocking=True) for k, v in dist.local_batch(batch).items()}
                 out = net(**batch)
                 loss = out.loss / cfg.grad_accum
                 loss.backward()
                 step_loss += loss.detach().float()
+            step_loss = dist.mean(step_loss)  # all ranks take the same skip decision and log the global loss
             finite = bool(torch.isfinite(step_loss))  # the one per-step sync; see the module docstring
             if finite:
                 method.after_backward()
@@ -362,6 +385,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                      f"(on_nan=skip would skip such steps)")
             step += 1
             pbar.update(1)
+            stop.agree()
             if step % cfg.period == 0:
                 method.end_period()
             due_save = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps
@@ -378,8 +402,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 summary["stopped"] = name
                 summary["exit_code"] = 128 + stop.signum
                 log.log("stop", step, reason=name)
-                print(f"misa_train: {name} received; checkpoint saved at step {step} in {run_dir}",
-                      file=sys.stderr, flush=True)
+                if dist.is_main:
+                    print(f"misa_train: {name} received; checkpoint saved at step {step} in {run_dir}",
+                          file=sys.stderr, flush=True)
                 break
     pbar.close()
 
@@ -407,6 +432,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - a plotting failure must not lose a finished run
         print(f"misa_train: warning: plots not written ({type(e).__name__}: {e})", file=sys.stderr)
     report.write_json(run_dir / "summary.json", summary)
-    print(f"misa_train: done, run folder {run_dir}", file=sys.stderr, flush=True)
-    print(str(run_dir), flush=True)
+    if dist.is_main:
+        print(f"misa_train: done, run folder {run_dir}", file=sys.stderr, flush=True)
+        print(str(run_dir), flush=True)
     return summary
