@@ -74,6 +74,8 @@ class Method:
         self._inv_pi: np.ndarray | None = None
         dev = self.modules[0].param.device if self.modules else torch.device("cpu")
         self._acc_device = dev
+        # set by the distributed trainer: sums the accumulator over ranks before the host transfer
+        self.allreduce: Any = None
 
     # ------------------------------------------------------------------ the loop
     def begin_period(self, step: int) -> bool:
@@ -119,7 +121,8 @@ class Method:
         for j, i in enumerate(self._active):
             g = self.modules[i].param.grad
             if g is not None:
-                grads.append(g)
+                # an FSDP2 DTensor grad: this rank's shard; its partial sum of squares is all-reduced later
+                grads.append(g.to_local() if hasattr(g, "to_local") else g)
                 pos.append(j)
         if grads:
             sq = per_tensor_sq_norms(grads).to(self._acc.device)
@@ -152,7 +155,8 @@ class Method:
         """
         if self.sampler is None or self._acc is None or self._acc_steps == 0:
             return
-        mean = (self._acc / self._acc_steps).cpu().numpy().astype(np.float64)
+        acc = self._acc if self.allreduce is None else self.allreduce(self._acc)
+        mean = (acc / self._acc_steps).cpu().numpy().astype(np.float64)
         ok = np.isfinite(mean)
         if ok.any():
             self.sampler.observe(self._active[ok], mean[ok])
