@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -32,7 +33,8 @@ class _Parser(argparse.ArgumentParser):
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``misa_train: error: <first line of message>`` on stderr and exit."""
     line = str(message).strip().splitlines()[0] if str(message).strip() else "unknown error"
-    print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one report is enough
+        print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 
