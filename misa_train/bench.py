@@ -154,7 +154,11 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
             if step >= warmup:
                 times.append(dt)
         med = statistics.median(times)
-        row.update(step_s=med, tokens_per_s=batch * seq / med, loss_first=losses[0], loss_last=losses[-1],
+        # steps that open a period pay for the draw and the state (de)allocation; a real run has T ~ 20
+        steady = [t for k, t in enumerate(times) if (warmup + k) % period != 0] or times
+        row.update(step_s=med, tokens_per_s=batch * seq / med, step_times=times,
+                   tokens_per_s_steady=batch * seq / statistics.median(steady),
+                   loss_first=losses[0], loss_last=losses[-1],
                    total_params=total, active_params=m.stats()["active_params"])
         if device.type == "cuda":
             row["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
