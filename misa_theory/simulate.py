@@ -24,10 +24,12 @@ Baselines: ``adam`` is full Adam (every module active, state never reset, no flu
 step α_sgd; each of their "block updates" is also T steps, so all rules spend the same number of
 gradient evaluations per block update (the sampled rules touch only ⌊δN⌋ parameters of them).
 
-Vectorisation: all seeds advance together as arrays of shape (S, n); only ``draw``/``observe`` are per seed
-(one :class:`~misa_theory.sampler.ModuleSampler` per seed, seeded ``seed·1000 + s``).  The active
-coordinates of all seeds are gathered into one flat index per period, so the Adam arithmetic and the noise
-cost O(S·δ·n) per step; the gradient itself is evaluated densely.  Deterministic under ``seed``.
+Vectorisation: all seeds advance together as arrays of shape (S, n), and one
+:class:`~misa_theory.sampler.ModuleSampler` with ``streams=S`` (seeded ``seed·1000``) draws the active sets
+of all seeds in one call per block update (a mask (S, M)) and takes all their observations in one call.  The
+active coordinates of all seeds are gathered into one flat index per period (a ``repeat`` of run starts, no
+per-module loop), so the Adam arithmetic and the noise cost O(S·δ·n) per step in preallocated buffers; the
+gradient itself is evaluated densely.  Deterministic under ``seed``.
 """
 
 from __future__ import annotations
@@ -132,24 +134,23 @@ class _Layout:
     def __init__(self, problem: Problem, n_seeds: int) -> None:
         self.n = problem.n_params
         self.sizes = problem.sizes
-        self.coords = [np.arange(a, b, dtype=np.int64) for a, b in zip(problem.offsets[:-1], problem.offsets[1:],
-                                                                        strict=True)]
+        self.offsets = problem.offsets[:-1]
+        self._ramp = np.arange(n_seeds * self.n, dtype=np.int64)
 
-    def gather(self, active: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """For per-seed module lists, return (flat coordinate index into (S·n), seed of each selected module,
-        module id of each selected module, start of each selected module's run in the flat index)."""
-        parts, seeds, mods = [], [], []
-        for s, idx in enumerate(active):
-            base = s * self.n
-            parts.extend(self.coords[b] + base for b in idx.tolist())
-            seeds.append(np.full(idx.size, s, dtype=np.int64))
-            mods.append(idx)
-        if not parts:
-            empty = np.zeros(0, dtype=np.int64)
-            return empty, empty, empty, empty
-        sel_mod = np.concatenate(mods)
-        starts = np.concatenate([[0], np.cumsum(self.sizes[sel_mod])[:-1]]).astype(np.int64)
-        return np.concatenate(parts), np.concatenate(seeds), sel_mod, starts
+    def gather(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For an active mask (S, M), return (flat coordinate index into (S·n), seed of each selected module,
+        module id of each selected module, start of each selected module's run in the flat index).
+
+        Selected modules are in (seed, module) order; module b of seed s covers s·n + offsets[b] + [0, n_b),
+        so the index is one ``repeat`` of the run starts plus a ramp, with no per-module Python work.
+        """
+        sel_seed, sel_mod = np.nonzero(mask)
+        lens = self.sizes[sel_mod]
+        ends = np.cumsum(lens)
+        starts = ends - lens
+        shift = sel_seed * self.n + self.offsets[sel_mod] - starts
+        total = int(ends[-1]) if ends.size else 0
+        return np.repeat(shift, lens) + self._ramp[:total], sel_seed, sel_mod, starts
 
 
 def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, seed: int = 0,
@@ -160,9 +161,10 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
         problem: the objective (θ ∈ R^n, M modules).
         rule: one of :data:`ALL_RULES`.
         K: number of block updates (periods of T steps).
-        n_seeds: S, independent runs (different noise and sampler seeds, same θ₀).
+        n_seeds: S, independent runs (different noise and sampler streams, same θ₀).
         cfg: hyper-parameters (α absolute).
-        seed: base seed; the noise Generator is seeded (seed, rule index), sampler s with seed·1000 + s.
+        seed: base seed; the noise Generator is seeded (seed, rule index), the sampler (one stream per seed
+            run) with seed·1000.
         record_draws: keep seed 0's active sets and target π (for heatmaps; memory K·M).
         progress: called with the number of block updates just finished (for a progress bar).
 
@@ -185,12 +187,9 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
     b1, b2, eps, T = cfg.beta1, cfg.beta2, cfg.eps, cfg.T
 
     full = rule in BASELINES
-    samplers = [] if full else [
-        ModuleSampler(problem.sizes, problem.groups, delta=cfg.delta, rule=rule, seed=seed * 1000 + s,
-                      eta=cfg.eta, ema_beta=cfg.ema_beta, min_inclusion=cfg.min_inclusion, explore=cfg.explore)
-        for s in range(S)
-    ]
-    all_modules = np.arange(M, dtype=np.int64)
+    sampler = None if full else ModuleSampler(
+        problem.sizes, problem.groups, delta=cfg.delta, rule=rule, seed=seed * 1000, eta=cfg.eta,
+        ema_beta=cfg.ema_beta, min_inclusion=cfg.min_inclusion, explore=cfg.explore, streams=S)
     keep = cfg.keep_state or rule == "adam"
     if keep:  # persistent state, read back for modules that stay active
         m_full, v_full = np.zeros(S * n), np.zeros(S * n)
@@ -203,73 +202,98 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
     counts = np.zeros((S, M), dtype=np.int64)
     draws: list[np.ndarray] = []
     target_pi = np.empty((K, M)) if record_draws and not full else None
-    cached = None  # (index arrays) of the full baseline, which never changes its active set
+    # work buffers sized for the largest possible active set, so the inner loop allocates nothing big
+    cap = S * n if full else S * min(n, sampler.budget)
+    buf_g, buf_m, buf_v, buf_t, buf_z = (np.empty(cap) for _ in range(5))
+    obs = np.zeros((S, M))
+    all_on = np.ones((S, M), dtype=bool)
+    cached = layout.gather(all_on) if full else None  # the baselines never change their active set
 
     for k in range(K):
         if full:
-            active = [all_modules] * S
-            if cached is None:
-                cached = layout.gather(active)
+            mask = all_on
             act, sel_seed, sel_mod, starts = cached
         else:
             if target_pi is not None:
-                target_pi[k] = samplers[0].target_inclusion()
-            active = [smp.draw() for smp in samplers]
-            act, sel_seed, sel_mod, starts = layout.gather(active)
+                target_pi[k] = sampler.target_inclusion()[0]
+            mask = sampler.draw()
+            act, sel_seed, sel_mod, starts = layout.gather(mask)
         if record_draws:
-            draws.append(active[0])
-        counts[sel_seed, sel_mod] += 1
+            draws.append(np.flatnonzero(mask[0]))
+        counts += mask
+        size = act.size
+        g, m, v, tmp, z = buf_g[:size], buf_m[:size], buf_v[:size], buf_t[:size], buf_z[:size]
 
-        if keep and act.size:
+        if keep and size:
             stay = np.repeat(prev[sel_seed, sel_mod], problem.sizes[sel_mod])
-            m = np.where(stay, m_full[act], 0.0)
-            v = np.where(stay, v_full[act], 0.0)
+            np.copyto(m, np.where(stay, m_full[act], 0.0))
+            np.copyto(v, np.where(stay, v_full[act], 0.0))
             c1 = np.where(stay, c1_full[act], 1.0)
             c2 = np.where(stay, c2_full[act], 1.0)
         else:
-            m, v = np.zeros(act.size), np.zeros(act.size)
+            m.fill(0.0)
+            v.fill(0.0)
             c1, c2 = 1.0, 1.0
         sq_acc = np.zeros(sel_mod.size)
+        noise = cfg.sigma * noise_std[act] if cfg.sigma > 0 and size else None
 
         for t in range(T):
             g_full = problem.grad(theta)
             if t == 0:
                 grad_sq[k] = np.einsum("sn,sn->s", g_full, g_full)
-            if act.size == 0:
+            if size == 0:
                 continue
-            g = g_full.reshape(-1)[act]
-            if cfg.sigma > 0:
-                g += (cfg.sigma * noise_std[act]) * rng.standard_normal(act.size)
-            sq_acc += np.add.reduceat(g * g, starts)
+            np.take(g_full.reshape(-1), act, out=g)
+            if noise is not None:
+                rng.standard_normal(out=z)
+                z *= noise
+                g += z
+            np.multiply(g, g, out=z)  # g², reused by the norms and by v
+            sq_acc += np.add.reduceat(z, starts)
             if rule == "sgd":
-                flat[act] -= step * g
+                g *= step
+                flat[act] -= g
                 continue
-            m = b1 * m + (1.0 - b1) * g
-            v = b2 * v + (1.0 - b2) * (g * g)
+            m *= b1
+            m += (1.0 - b1) * g
+            v *= b2
+            z *= 1.0 - b2
+            v += z
             c1 = c1 * b1
             c2 = c2 * b2
-            flat[act] -= step * (m / (1.0 - c1)) / (np.sqrt(v / (1.0 - c2)) + eps)
+            _adam_direction(m, v, c1, c2, eps, tmp)
+            tmp *= step
+            flat[act] -= tmp
 
-        if act.size and rule != "sgd":
+        if size and rule != "sgd":
             if flush:
-                flat[act] -= step * b1 / (1.0 - b1) * (m / (1.0 - c1)) / (np.sqrt(v / (1.0 - c2)) + eps)
+                _adam_direction(m, v, c1, c2, eps, tmp)
+                tmp *= step * b1 / (1.0 - b1)
+                flat[act] -= tmp
             if keep:
                 m_full[act], v_full[act] = m, v
                 c1_full[act], c2_full[act] = c1, c2
-                prev[:] = False
-                prev[sel_seed, sel_mod] = True
+                prev[:] = mask
         if not full and sel_mod.size:
-            obs = sq_acc / T
-            bounds = np.searchsorted(sel_seed, np.arange(S + 1))
-            for s, smp in enumerate(samplers):
-                lo, hi = bounds[s], bounds[s + 1]
-                if hi > lo:
-                    smp.observe(sel_mod[lo:hi], obs[lo:hi])
+            obs[sel_seed, sel_mod] = sq_acc / T
+            sampler.observe(mask, obs)
         if progress is not None:
             progress(1)
 
     grad_sq[K] = problem.grad_sq(theta)
     return SimResult(rule, grad_sq, problem.f(theta), counts, draws, target_pi)
+
+
+def _adam_direction(m: np.ndarray, v: np.ndarray, c1: np.ndarray | float, c2: np.ndarray | float, eps: float,
+                    out: np.ndarray) -> np.ndarray:
+    """out = m̂/(√v̂ + ε) with m̂ = m/(1 − β₁^c), v̂ = v/(1 − β₂^c) (c1 = β₁^c, c2 = β₂^c), without temporaries
+    of the active set's size."""
+    np.divide(v, 1.0 - c2, out=out)
+    np.sqrt(out, out=out)
+    out += eps
+    np.divide(m, out, out=out)
+    out /= 1.0 - c1
+    return out
 
 
 def run_rules(problem: Problem, rules: Sequence[str], K: int, n_seeds: int, cfg: SimConfig, seed: int = 0,
