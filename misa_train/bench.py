@@ -101,6 +101,7 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
     from misa_train.losses import model_loss
     from misa_train.methods import build_method
     from misa_train.modules import count_parameters, find_modules
+    from misa_train.train import enable_checkpointing
 
     arch = ARCHS[model_name]
     method, over = METHODS[method_name]
@@ -118,16 +119,11 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # the same set-up sequence as misa_train.train.run
-        if ckpt:
-            model.config.use_cache = False
         m = build_method(cfg, model, modules, total)
         state["method"] = m
         net = m.model
         if ckpt:
-            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            emb = model.get_input_embeddings().weight
-            if not emb.requires_grad and not hasattr(model, "_require_grads_hook"):
-                model.enable_input_require_grads()
+            enable_checkpointing(model, net)
         net.train()
         gen = torch.Generator(device="cpu").manual_seed(1)
         times, draws, losses = [], [], []

@@ -195,6 +195,29 @@ def _resolve_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
     return run_dir, ckpt
 
 
+def enable_checkpointing(model: torch.nn.Module, net: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer of ``net`` (``model`` unwrapped).
+
+    Non-reentrant checkpointing needs no input that requires grad, so backward still stops below the lowest
+    layer that has a trainable module (``enable_input_require_grads`` would force it down to the embeddings,
+    costing LISA/BAdam/MISA the recompute and backward of every frozen layer below).  The KV cache is useless
+    in training and clashes with recomputation.
+    """
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def forward_loss(net: torch.nn.Module, batch: dict[str, Any], sharded: bool) -> torch.Tensor:
+    """Mean next-token NLL of ``batch``: chunked (no full fp32 logits) on one process; under FSDP the model's
+    own forward, whose root hooks gather the sharded embedding/head (and which takes ``num_items_in_batch``)."""
+    if sharded:
+        return net(**batch).loss
+    from misa_train.losses import model_loss
+
+    return model_loss(net, batch)
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train according to ``cfg`` (validated here too) and return a summary dict.
 
@@ -239,16 +262,11 @@ def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any
     modules = find_modules(model)
     total_params = count_parameters(model)
     validate_against_model(cfg, modules, total_params, _max_positions(model))
-    if cfg.grad_checkpointing and hasattr(model, "config"):
-        model.config.use_cache = False  # a KV cache is useless in training and clashes with checkpointing
     method = build_method(cfg, model, modules, total_params)
     method.allreduce = dist.allreduce_sum  # sharded grads: each rank's sq norms are partial sums
     net = method.model
     if cfg.grad_checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        emb = model.get_input_embeddings().weight
-        if not emb.requires_grad and not hasattr(model, "_require_grads_hook"):
-            model.enable_input_require_grads()
+        enable_checkpointing(model, net)
     net.train()
 
     train_batches, val_enc, val_ex = build_data(cfg, tokenizer, getattr(model, "config", None))
@@ -359,8 +377,7 @@ def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any
                 batch = next(batches)
                 tokens_since += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
                 batch = {k: v.to(device, non_blocking=True) for k, v in dist.local_batch(batch).items()}
-                out = net(**batch)
-                loss = out.loss / cfg.grad_accum
+                loss = forward_loss(net, batch, dist.sharded) / cfg.grad_accum
                 loss.backward()
                 step_loss += loss.detach().float()
             step_loss = dist.mean(step_loss)  # all ranks take the same skip decision and log the global loss
