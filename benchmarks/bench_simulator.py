@@ -2,6 +2,8 @@
 
 Default: K = 10^5, S = 16, T = 1, rule misa, RobustFeatures(12 layers, d=8, kv=4, ff=28) = 10,368 parameters,
 84 modules, δ = 0.25.  ``--K`` / ``--seeds`` / ``--T`` / ``--rule`` / ``--repeats`` override.
+The cost split at the end times, in the same process, the two parts of a block update that are not the
+simulator's own arithmetic: one ``ModuleSampler(streams=S)`` draw + observe, and one dense ``problem.grad``.
 """
 
 from __future__ import annotations
@@ -10,8 +12,28 @@ import argparse
 import statistics
 import time
 
+import numpy as np
+
 from misa_theory.problems import RobustFeatures
+from misa_theory.sampler import ModuleSampler
 from misa_theory.simulate import SimConfig, alpha_for, simulate
+
+
+def cost_split(prob: RobustFeatures, cfg: SimConfig, rule: str, seeds: int, n: int = 500) -> tuple[float, float]:
+    """Mean µs of one all-seeds draw+observe and of one gradient, each over ``n`` calls."""
+    s = ModuleSampler(prob.sizes, prob.groups, delta=cfg.delta, rule=rule, seed=0, streams=seeds)
+    x = np.random.default_rng(0).random((seeds, prob.n_modules))
+    for _ in range(50):  # past exploration, as in a long run
+        s.observe(s.draw(), x)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        s.observe(s.draw(), x)
+    draw = (time.perf_counter() - t0) / n
+    theta = prob.x0(seeds)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        prob.grad(theta)
+    return 1e6 * draw, 1e6 * (time.perf_counter() - t0) / n
 
 
 def main() -> None:
@@ -34,6 +56,10 @@ def main() -> None:
     med = statistics.median(times)
     print(f"{a.rule}: K={a.K} block updates × {a.seeds} seeds × T={a.T}, n={prob.n_params}, "
           f"M={prob.n_modules}: median {med:.2f} s ({med / a.K * 1e6:.0f} µs per block update)")
+    if a.rule not in ("adam", "sgd"):
+        draw, grad = cost_split(prob, cfg, a.rule, a.seeds)
+        print(f"cost split: draw+observe of all {a.seeds} seeds {draw:.0f} µs, one gradient {grad:.0f} µs "
+              f"(× T per block update), the rest is gather/noise/Adam")
 
 
 if __name__ == "__main__":
