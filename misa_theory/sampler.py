@@ -438,7 +438,8 @@ class ModuleSampler:
 
     def _cycle_width(self) -> int:
         reachable = self._unit_sizes[self._reachable]
-        return max(1, int(self.budget // reachable.max()))
+        # a pass cannot hold more layers than there are
+        return min(max(1, int(self.budget // reachable.max())), reachable.size)
 
     def _draw_cycle(self, s: int) -> np.ndarray:
         chosen: list[int] = []

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import misa_theory.simulate as sim
 from misa_theory.problems import make_problem
-from misa_theory.sampler import ModuleSampler
 from misa_theory.simulate import ALL_RULES, SimConfig, block_updates_to_target, rate_fit, simulate, summarize
 
 
@@ -43,34 +41,6 @@ def test_full_budget_block_adam_is_adam_with_reset_every_period():
     np.testing.assert_allclose(res.grad_sq[:, 0], _adam_reference(p, 20, 4, 0.01, reset=True), rtol=1e-10)
     kept = simulate(p, "uniform", 5, 1, SimConfig(alpha=0.01, T=4, delta=1.0, keep_state=True))
     np.testing.assert_allclose(kept.grad_sq[:, 0], _adam_reference(p, 20, 4, 0.01, reset=False), rtol=1e-10)
-
-
-def test_draws_go_through_one_sampler_per_seed(monkeypatch):
-    made: list[ModuleSampler] = []
-    calls = {"draw": 0, "observe": 0}
-
-    class Spy(ModuleSampler):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-
-        def draw(self):
-            calls["draw"] += 1
-            return super().draw()
-
-        def observe(self, idx, sq):
-            calls["observe"] += 1
-            assert np.all(np.asarray(sq) >= 0)
-            return super().observe(idx, sq)
-
-    monkeypatch.setattr(sim, "ModuleSampler", Spy)
-    p = make_problem("robust")
-    res = simulate(p, "misa", 7, 3, SimConfig(alpha=0.01, T=2, delta=0.2), record_draws=True)
-    assert len(made) == 3 and calls["draw"] == 21 and calls["observe"] == 21
-    assert len({s.seed for s in made}) == 3
-    budget = made[0].budget
-    assert all(p.sizes[d].sum() <= budget for d in res.draws)
-    assert np.all((res.inclusion_counts * p.sizes).sum(axis=1) <= 7 * budget)
 
 
 def test_deterministic_and_seed_dependent():
