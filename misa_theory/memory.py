@@ -25,6 +25,12 @@ tests/test_memory_model.py, or against the GPU measurements):
   A trainable q/k/v (shared input), o, gate/up (shared input), down adds its bf16 input: 2·T·h, 2·T·h_q,
   2·T·h, 2·T·i. A LoRA adapter adds the fp32 cast of its input (peft casts per adapter; 4·T·in) and
   lora_A's output 4·T·r.
+* With ``lean_ops`` (misa_train.lean_ops, the trainer's default) the two blocks save what their backward
+  needs and no more: SwiGLU saves g and u, 2 · 2·T·i instead of 3 (silu(g) is recomputed; u only when g
+  needs a gradient, g whenever g or u does); each RMSNorm (the final one too) saves its bf16 input,
+  2·T·h + 4·T for rsqrt, instead of the fp32 copy 4·T·h + 4·T, whether the input or the weight (or both)
+  needs a gradient (no extra 2·T·h for a trainable weight: x̂ is recomputed). Its backward works in fp32
+  on row chunks of ≤ 4M elements, so the backward transient below is unchanged.
 * Which layers are on the autograd graph: a layer is, iff its input requires grad or it holds a trainable
   parameter; the input requires grad iff something below trains (embeddings included) or the trainer
   calls ``enable_input_require_grads`` (misa_train does that whenever gradient checkpointing is on and the
@@ -140,21 +146,27 @@ class Estimate:
         return self.peak_bytes / GIB
 
 
+def _norm_saved(T: int, h: int, x_grad: bool, w_grad: bool, lean_ops: bool) -> int:
+    """Bytes one RMSNorm saves: HF fp32 input copy 4·T·h + rsqrt 4·T (+ bf16 x̂ 2·T·h for a trainable weight);
+    lean: bf16 input 2·T·h + rsqrt 4·T when anything needs a gradient."""
+    if lean_ops:
+        return 2 * T * h + 4 * T if (x_grad or w_grad) else 0
+    return (4 * T * h + 4 * T if x_grad else 0) + (2 * T * h if w_grad else 0)
+
+
 def _layer_saved(a: Arch, T: int, x_grad: bool, trainable: set[str], norms: bool,
-                 lora_r: int | None) -> tuple[int, bool]:
+                 lora_r: int | None, lean_ops: bool = False) -> tuple[int, bool]:
     """Bytes autograd saves in one decoder layer, and whether its output requires grad.
 
-    ``trainable``: module kinds whose base weight trains; ``lora_r``: LoRA on every kind (adapters train).
+    ``trainable``: module kinds whose base weight trains; ``lora_r``: LoRA on every kind (adapters train);
+    ``lean_ops``: misa_train.lean_ops patched in (SwiGLU saves g, u; RMSNorm its bf16 input).
     """
     h, i, hq, hkv, nh = a.hidden_size, a.intermediate_size, a.hq, a.hkv, a.num_attention_heads
     lora = lora_r is not None
     r = lora_r or 0
     b = 0
     # attention block
-    if x_grad:
-        b += 4 * T * h + 4 * T
-    if norms:
-        b += 2 * T * h
+    b += _norm_saved(T, h, x_grad, norms, lean_ops)
     n_grad = x_grad or norms
     qkv_tr = [k for k in ("q_proj", "k_proj", "v_proj") if k in trainable]
     if qkv_tr:
@@ -170,10 +182,7 @@ def _layer_saved(a: Arch, T: int, x_grad: bool, trainable: set[str], norms: bool
         b += 4 * T * hq + 4 * T * r
     h1_grad = x_grad or attn_grad or "o_proj" in trainable or lora
     # MLP block
-    if h1_grad:
-        b += 4 * T * h + 4 * T
-    if norms:
-        b += 2 * T * h
+    b += _norm_saved(T, h, h1_grad, norms, lean_ops)
     m_grad = h1_grad or norms
     if "gate_proj" in trainable or "up_proj" in trainable:
         b += 2 * T * h
@@ -181,12 +190,18 @@ def _layer_saved(a: Arch, T: int, x_grad: bool, trainable: set[str], norms: bool
         b += 2 * (4 * T * h + 4 * T * r)
     g_grad = m_grad or "gate_proj" in trainable or lora
     u_grad = m_grad or "up_proj" in trainable or lora
-    if g_grad:
-        b += 2 * T * i          # silu saves its input
-    if u_grad:
-        b += 2 * T * i          # the product saves silu(g)
-    if g_grad:
-        b += 2 * T * i          # ... and u
+    if lean_ops:
+        if g_grad or u_grad:
+            b += 2 * T * i      # g (silu(g) and its derivative are recomputed from it)
+        if g_grad:
+            b += 2 * T * i      # u, for dg
+    else:
+        if g_grad:
+            b += 2 * T * i      # silu saves its input
+        if u_grad:
+            b += 2 * T * i      # the product saves silu(g)
+        if g_grad:
+            b += 2 * T * i      # ... and u
     if "down_proj" in trainable:
         b += 2 * T * i
     if lora:
@@ -259,7 +274,7 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
                  ckpt: bool = False, delta: float = 0.01, lisa_layers: int = 2, badam_layers: int = 1,
                  lora_r: int = 16, chunked_ce: bool = True, active: Iterable[tuple[int, str]] | None = None,
                  train_embeddings: bool | None = None, train_head: bool | None = None,
-                 input_grads: bool | None = None) -> Estimate:
+                 input_grads: bool | None = None, lean_ops: bool = True) -> Estimate:
     """Peak bytes of one training step (see the module docstring for every assumption).
 
     Args:
@@ -270,6 +285,9 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
         active: explicit (layer, kind) draw for sampled methods (default: the worst case, see method_plan).
         input_grads: whether the embedding output requires grad; default = what misa_train does
             (embeddings train, or checkpointing with frozen embeddings).
+        lean_ops: misa_train.lean_ops patched in (TrainConfig.lean_ops, default True): SwiGLU saves 2 instead
+            of 3 (T × i) bf16 tensors, each RMSNorm its bf16 input (2 B/element) instead of an fp32 copy
+            (4 B/element). False = the stock Hugging Face modules.
     Returns an Estimate: peak bytes, the phase it occurs in, the itemisation at that point.
     """
     a = arch if isinstance(arch, Arch) else Arch.from_config(arch)
@@ -303,7 +321,7 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
     on_graph = []
     for layer in range(L):
         tr = plan["per_layer"][layer]
-        b, out_grad = _layer_saved(a, T, x_grad, tr, plan["norms"], lora_r_eff)
+        b, out_grad = _layer_saved(a, T, x_grad, tr, plan["norms"], lora_r_eff, lean_ops)
         on_graph.append(x_grad or b > 0)
         saved.append(b)
         x_grad = out_grad
@@ -316,7 +334,7 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
         recompute = 0
 
     # --- loss path
-    final = (4 * T * h + 4 * T if x_grad else 0) + 2 * T * h   # final norm's saved input, the final hidden
+    final = _norm_saved(T, h, x_grad, False, lean_ops) + 2 * T * h   # final norm's saved input, the final hidden
     if chunked_ce:
         c = max(64, CE_CHUNK_ELEMS // V)
         loss_keep = (2 * T * h if x_grad else 0) + (4 * V * h if plan["head_trains"] else 0)

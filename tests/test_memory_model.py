@@ -89,16 +89,22 @@ def test_flops_full_is_6n_plus_attention():
     assert f == pytest.approx(6 * n + 3 * 32 * 2 * 1024 * 4096, rel=1e-3)
 
 
-def test_saved_activation_rule_matches_autograd_census():
+@pytest.mark.parametrize("lean", [False, True])
+def test_saved_activation_rule_matches_autograd_census(lean):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(**TINY, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    if lean:
+        from misa_train import lean_ops
+
+        assert lean_ops.patch_model(model) == 3 + 2 * 3 + 1
     a = mm.Arch.from_config(TINY)
     S = 32
     cases = [([], True), (["layers.1.self_attn.v_proj"], False), (["layers.1.mlp.down_proj"], False),
-             (["layers.0.self_attn.o_proj", "layers.2.mlp.gate_proj"], False)]
+             (["layers.0.self_attn.o_proj", "layers.2.mlp.gate_proj"], False),
+             (["layers.0.mlp.up_proj"], False), (["layernorm"], False), (["layernorm", "k_proj"], True)]
     for names, input_grad in cases:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -119,14 +125,53 @@ def test_saved_activation_rule_matches_autograd_census():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model.model(inputs_embeds=emb)
         per_layer: list[set[str]] = [set(), set(), set()]
+        norms = "layernorm" in names  # every decoder norm weight trains (the final norm stays frozen)
         for n in names:
-            layer = int(n.split(".")[1])
-            per_layer[layer].add(n.split(".")[-1])
+            if n.startswith("layers."):
+                per_layer[int(n.split(".")[1])].add(n.split(".")[-1])
+            elif n != "layernorm":
+                for s in per_layer:
+                    s.add(n)
         x_grad, want = input_grad, 0
         for layer in range(3):
-            b, x_grad = mm._layer_saved(a, S, x_grad, per_layer[layer], False, None)
+            b, x_grad = mm._layer_saved(a, S, x_grad, per_layer[layer], norms, None, lean)
             want += b
         if x_grad:
-            want += 4 * S * 64 + 4 * S  # final norm
+            want += (2 if lean else 4) * S * 64 + 4 * S  # final norm: bf16 input (lean) or fp32 copy
         rope = 2 * S * a.d * 2  # cos and sin (bf16), not in the model: they are tiny at real sizes
         assert sum(store.values()) - (rope if x_grad else 0) == want, names
+
+
+def test_lean_ops_hand_computed():
+    a = mm.Arch.from_config(TINY)
+    T, h, i, hq, hkv, nh = 10, 64, 224, 64, 16, 8
+    lean, out = mm._layer_saved(a, T, True, set(), False, None, True)
+    want = 2 * (2 * T * h + 4 * T) + 2 * (2 * T * hq) + 2 * (2 * T * hkv) + 4 * T * nh + 2 * 2 * T * i
+    assert out and lean == want
+    stock, _ = mm._layer_saved(a, T, True, set(), False, None)
+    assert stock - lean == 2 * T * i + 2 * 2 * T * h
+    # trainable norm weights, input without grad: the first norm saves its bf16 input + rsqrt (lean) or the
+    # bf16 x̂ (HF); the second one, now on the graph, 2·T·h + 4·T (lean) or 4·T·h + 4·T + 2·T·h (HF)
+    lean_n = mm._layer_saved(a, T, False, set(), True, None, True)[0]
+    stock_n = mm._layer_saved(a, T, False, set(), True, None)[0]
+    assert stock_n - lean_n == (2 * T * h - (2 * T * h + 4 * T)) + (6 * T * h - 2 * T * h) + 2 * T * i
+    # only u on the graph (the lowest layer's up_proj): g alone is saved, the same as silu(g) in HF
+    assert (mm._layer_saved(a, T, False, {"up_proj"}, False, None, True)
+            == mm._layer_saved(a, T, False, {"up_proj"}, False, None))
+
+
+def test_lean_ops_prediction_llama3_8b():
+    kw = dict(seq=1024, ckpt=False, delta=0.01)
+    stock = mm.predict_peak(L8B, "misa", lean_ops=False, **kw)
+    lean = mm.predict_peak(L8B, "misa", lean_ops=True, **kw)
+    assert mm.predict_peak(L8B, "misa", **kw).peak_bytes == lean.peak_bytes  # default = the trainer's
+    assert stock.phase == lean.phase == "forward_end"
+    T, h, i, L = 1024, 4096, 14336, 32
+    # MISA's worst-case draw (one module per layer from layer 0 on, input without grad): layers 1..L-1 are
+    # wholly on the graph (layer 0 saves only its down_proj input), each saving 2·T·i in the MLP and 2·T·h
+    # per norm; plus the final norm
+    assert stock.peak_bytes - lean.peak_bytes == (L - 1) * (2 * T * i + 2 * 2 * T * h) + 2 * T * h
+    assert lean.peak_gib < 20.0 < stock.peak_gib
+    # with checkpointing the same saving applies to the one recomputed layer (and the final norm) only
+    ck = [mm.predict_peak(L8B, "misa", seq=8192, ckpt=True, lean_ops=x).peak_bytes for x in (False, True)]
+    assert ck[1] <= ck[0]
