@@ -237,6 +237,7 @@ def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any
     """Body of :func:`run`; ``report`` is the report module on rank 0 and a no-op stand-in elsewhere."""
     from tqdm.auto import tqdm
 
+    from misa_train import lean_ops
     from misa_train.methods import build_method
     from misa_train.models import load_model
     from misa_train.modules import count_parameters, find_modules
@@ -260,6 +261,8 @@ def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any
         raise ConfigError(f"model: {e}") from None
     model = dist.shard(model, dtype, device)
     modules = find_modules(model)
+    if cfg.lean_ops:
+        lean_ops.patch_model(model)  # same outputs, less saved for backward (misa_train.lean_ops)
     total_params = count_parameters(model)
     validate_against_model(cfg, modules, total_params, _max_positions(model))
     method = build_method(cfg, model, modules, total_params)
