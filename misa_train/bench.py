@@ -97,6 +97,7 @@ def _build(arch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> to
 def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: int, warmup: int,
             period: int, device: torch.device, batch: int = 1) -> dict[str, Any]:
     """One configuration: build, warm up, time; returns the row (never raises on CUDA OOM)."""
+    from misa_train import lean_ops
     from misa_train.config import TrainConfig
     from misa_train.losses import model_loss
     from misa_train.methods import build_method
@@ -113,6 +114,7 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
         model = _build(arch, device, dtype)
         state["model"] = model
         modules = find_modules(model)
+        row["lean_ops"] = lean_ops.patch_model(model) > 0  # what users run (TrainConfig.lean_ops default)
         total = count_parameters(model)
         cfg = TrainConfig(method=method, period=period, grad_checkpointing=ckpt, max_seq_len=seq,
                           batch_size=batch, lr=1e-5, warmup_steps=0, max_steps=warmup + steps, **over)
@@ -176,7 +178,7 @@ def _predict(row: dict[str, Any], arch: dict[str, Any], method: str, over: dict[
     kw = dict(seq=row["seq"], batch=batch, ckpt=row["ckpt"], delta=over.get("delta", 0.01),
               lisa_layers=over.get("lisa_layers", 2), badam_layers=over.get("badam_layers", 1),
               lora_r=over.get("lora_r", 16), train_embeddings=over.get("train_embeddings"),
-              train_head=over.get("train_head"))
+              train_head=over.get("train_head"), lean_ops=row.get("lean_ops", False))
     draws = row.get("draws") or [None]
     ests = [mm.predict_peak(arch, method, active=None if d is None else [tuple(x) for x in d], **kw)
             for d in draws]
