@@ -95,8 +95,12 @@ def _build(arch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> to
 
 
 def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: int, warmup: int,
-            period: int, device: torch.device, batch: int = 1) -> dict[str, Any]:
+            period: int, device: torch.device, batch: int = 1, lean: bool = True) -> dict[str, Any]:
     """One configuration: build, warm up, time; returns the row (never raises on CUDA OOM)."""
+    # the previous row's model may sit in reference cycles (patched forwards): free it before measuring
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     from misa_train import lean_ops
     from misa_train.config import TrainConfig
     from misa_train.losses import model_loss
@@ -114,7 +118,7 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
         model = _build(arch, device, dtype)
         state["model"] = model
         modules = find_modules(model)
-        row["lean_ops"] = lean_ops.patch_model(model) > 0  # what users run (TrainConfig.lean_ops default)
+        row["lean_ops"] = lean and lean_ops.patch_model(model) > 0  # TrainConfig.lean_ops
         total = count_parameters(model)
         cfg = TrainConfig(method=method, period=period, grad_checkpointing=ckpt, max_seq_len=seq,
                           batch_size=batch, lr=1e-5, warmup_steps=0, max_steps=warmup + steps, **over)
@@ -258,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     p.add_argument("--tag", default="bench", help="file name stem of the outputs")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, seq 32, every method")
+    p.add_argument("--lean-ops", default="on", choices=("on", "off"),
+                   help="activation-lean SwiGLU/RMSNorm (misa_train.lean_ops), as TrainConfig.lean_ops")
     a = p.parse_args(argv)
     if a.quick:
         models, seqs, device = ["tiny"], [32], torch.device("cpu")
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 for meth in methods:
                     t0 = time.perf_counter()
                     r = run_one(model_name, meth, seq, ck, steps=steps, warmup=warmup, period=a.period,
-                                device=device)
+                                device=device, lean=a.lean_ops == "on")
                     pk = meta["peak_bf16_flops"]
                     if pk and r.get("tokens_per_s") and r.get("flops_per_token"):
                         r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / pk

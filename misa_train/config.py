@@ -80,7 +80,8 @@ class TrainConfig:
     clip_grad: float = _f(1.0, "clip the active parameters' global gradient norm to this; 0 = off")
     dtype: str = _f("auto", "weights dtype: bf16, fp32, or auto (bf16 on CUDA, else fp32)", choices=DTYPES)
     grad_checkpointing: bool = _f(False, "activation checkpointing (less memory, ~30% more compute)")
-    lean_ops: bool = _f(True, "SwiGLU/RMSNorm that save less for backward (g, u; bf16 norm input), same outputs")
+    lean_ops: bool = _f(True, "SwiGLU/RMSNorm that save less for backward (g, u; bf16 norm input), same outputs; "
+                               "applied only without grad_checkpointing, where it saves memory")
     seed: int = _f(0, "seed for python, numpy, torch, data order and module draws")
     device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N or mps")
     # evaluation, logging, checkpoints

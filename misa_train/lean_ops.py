@@ -40,8 +40,9 @@ from torch import nn
 
 __all__ = ["SwiGLU", "RMSNormFn", "swiglu", "rms_norm", "patch_model", "unpatch_model", "is_patched"]
 
-# Rows per backward chunk are chosen so one fp32 temporary holds at most this many elements (16 MiB).
-_CHUNK_ELEMS = 1 << 22
+# Rows per backward chunk are chosen so one fp32 temporary holds at most this many elements (128 MiB): large
+# enough that a 1k-token step is one chunk (kernel launches, not bandwidth, bound these small ops on a GPU).
+_CHUNK_ELEMS = 1 << 25
 _MARK = "_misa_lean_ops"
 
 
