@@ -80,6 +80,9 @@ class TrainConfig:
     clip_grad: float = _f(1.0, "clip the active parameters' global gradient norm to this; 0 = off")
     dtype: str = _f("auto", "weights dtype: bf16, fp32, or auto (bf16 on CUDA, else fp32)", choices=DTYPES)
     grad_checkpointing: bool = _f(False, "activation checkpointing (less memory, ~30% more compute)")
+    probe_importance: bool = _f(True, "measure every module's gradient norm with one extra backward at the start "
+                                "(gradients dropped as they arrive) so MISA samples by importance from the first "
+                                "draw instead of first visiting every module once")
     lean_ops: bool = _f(True, "SwiGLU/RMSNorm that save less for backward (g, u; bf16 norm input), same outputs; "
                                "applied only without grad_checkpointing, where it saves memory")
     seed: int = _f(0, "seed for python, numpy, torch, data order and module draws")

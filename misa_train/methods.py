@@ -106,6 +106,52 @@ class Method:
         self._period_start = int(step)
         return True
 
+    def probe_importance(self, loss_fn: Any) -> bool:
+        """Measure ‖g_b‖² of *every* module with one forward/backward, so importance sampling starts at the
+        first draw instead of after the ⌈1/δ⌉ exploration draws it takes to visit every module once.
+
+        Every module is made trainable for this one backward only; a post-accumulate-grad hook adds the
+        squared norm of each module's gradient to an on-device vector and drops the gradient at once, so the
+        extra memory is the activations the now-trainable linears save for this step (the caller keeps the
+        probe batch short), never a model's worth of gradients. Gradients of always-on parameters from the
+        probe are dropped too, and ``requires_grad`` is restored. Returns False (nothing done) for methods
+        whose sampler does not use scores or has already observed every module.
+        """
+        s = self.sampler
+        if s is None or self._started or not bool(getattr(s, "exploring", False)):
+            return False
+        params = [m.param for m in self.modules]
+        before = [p.requires_grad for p in params]
+        sq = torch.zeros(len(params), dtype=torch.float32, device=self._acc_device)
+
+        def hook_for(i: int) -> Any:
+            def hook(p: torch.Tensor) -> None:
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                sq[i] += g.detach().float().pow(2).sum()
+                p.grad = None
+            return hook
+
+        handles = []
+        try:
+            for i, p in enumerate(params):  # once per run, not on the hot path
+                p.requires_grad_(True)
+                handles.append(p.register_post_accumulate_grad_hook(hook_for(i)))
+            loss_fn().backward()
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in zip(params, before, strict=True):
+                p.requires_grad_(flag)
+            for p in self.model.parameters():
+                p.grad = None
+        if self.allreduce is not None:
+            sq = self.allreduce(sq)
+        values = sq.cpu().numpy().astype(np.float64)
+        if not np.all(np.isfinite(values)):  # e.g. a probe batch with no target token: keep exploring
+            return False
+        s.observe(np.arange(len(params)), values)
+        return True
+
     @torch.no_grad()
     def after_backward(self) -> None:
         """Add ‖g_b‖² (fp32, Frobenius) of every active module to the period's on-device accumulator.

@@ -195,6 +195,19 @@ def _resolve_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
     return run_dir, ckpt
 
 
+def _before_after(summary: dict[str, Any]) -> str:
+    """One line: held-out loss and answer accuracy before → after (what a user looks at first)."""
+    def fmt(v: Any, pct: bool = False) -> str:
+        return "n/a" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.4f}")
+    return (f"held-out loss {fmt(summary.get('val_loss_start'))} -> {fmt(summary.get('val_loss_end'))}, "
+            f"answer accuracy {fmt(summary.get('accuracy_before'), True)} -> "
+            f"{fmt(summary.get('accuracy_after'), True)}, {summary.get('steps')} steps, "
+            f"{fmt(summary.get('tokens_per_s'))} tokens/s")
+
+
+PROBE_TOKENS = 512  # sequence cut of the importance probe's batch
+
+
 def enable_checkpointing(model: torch.nn.Module, net: torch.nn.Module) -> None:
     """Non-reentrant activation checkpointing of every decoder layer of ``net`` (``model`` unwrapped).
 
@@ -369,6 +382,17 @@ def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any
         pbar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:.0f}")
         tokens_since, interval_steps, t_since = 0, 0, time.perf_counter()
 
+    if ckpt is None and cfg.probe_importance:
+        # one batch, peeked (the data order stays as without the probe), cut short: importance needs a
+        # gradient direction, not a long context, and a short batch bounds the probe's activation memory
+        before = train_batches.state_dict()
+        probe = next(train_batches)
+        train_batches.load_state_dict(before)
+        probe = {k: v[:, :PROBE_TOKENS] for k, v in probe.items()}
+        probe = {k: v.to(device) for k, v in dist.local_batch(probe).items()}
+        if method.probe_importance(lambda: forward_loss(net, probe, dist.sharded)):
+            log.log("probe", 0, tokens=int(probe["input_ids"].numel()))
+
     with _SignalStop() as raw_stop:
         stop = distributed.AgreedStop(raw_stop, dist)  # every rank stops at the same step
         while step < cfg.max_steps:
@@ -455,6 +479,7 @@ def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any
         print(f"misa_train: warning: plots not written ({type(e).__name__}: {e})", file=sys.stderr)
     report.write_json(run_dir / "summary.json", summary)
     if dist.is_main:
+        print(f"misa_train: {_before_after(summary)}", file=sys.stderr, flush=True)
         print(f"misa_train: done, run folder {run_dir}", file=sys.stderr, flush=True)
         print(str(run_dir), flush=True)
     return summary
