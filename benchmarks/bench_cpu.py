@@ -33,7 +33,7 @@ def _rss_mb() -> float:
 
 
 def worker(method: str, steps: int, warmup: int, batch: int, seq: int, delta: float, threads: int,
-           from_config: str | None = None) -> dict:
+           from_config: str | None = None, ckpt: bool = False) -> dict:
     """Time ``warmup + steps`` training steps of one method in this process; return the measurements.
 
     ``from_config``: a model folder/config.json to build *randomly initialised* (same architecture, same
@@ -41,15 +41,18 @@ def worker(method: str, steps: int, warmup: int, batch: int, seq: int, delta: fl
     import torch
 
     sys.path.insert(0, str(ROOT))
+    from misa_train import lean_ops
     from misa_train.config import TrainConfig
     from misa_train.methods import build_method
     from misa_train.models import load_model
     from misa_train.modules import count_parameters, find_modules
+    from misa_train.train import enable_checkpointing, forward_loss
 
     if threads > 0:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = TrainConfig(method=method, delta=delta, period=20, lr=1e-5, device="cpu", dtype="fp32")
+    cfg = TrainConfig(method=method, delta=delta, period=20, lr=1e-5, device="cpu", dtype="fp32",
+                      grad_checkpointing=ckpt)
     if from_config:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -58,8 +61,12 @@ def worker(method: str, steps: int, warmup: int, batch: int, seq: int, delta: fl
         model, _ = load_model(None, dtype=torch.float32, device="cpu")
     model.config.use_cache = False
     modules = find_modules(model)
+    if cfg.lean_ops and not ckpt:  # as train.run does
+        lean_ops.patch_model(model)
     total = count_parameters(model)
     m = build_method(cfg, model, modules, total)
+    if ckpt:
+        enable_checkpointing(model, m.model)
     m.model.train()
     rss_loaded = _rss_mb()
     gen = torch.Generator().manual_seed(0)
@@ -69,7 +76,7 @@ def worker(method: str, steps: int, warmup: int, batch: int, seq: int, delta: fl
     for s in range(warmup + steps):
         m.begin_period(s)
         t0 = time.perf_counter()
-        loss = m.model(**inputs).loss
+        loss = forward_loss(m.model, inputs, sharded=False)  # the trainer's loss: chunked, no full logits
         loss.backward()
         m.after_backward()
         m.clip_grad_norm_(1.0)
@@ -85,7 +92,8 @@ def worker(method: str, steps: int, warmup: int, batch: int, seq: int, delta: fl
 def _child(args: argparse.Namespace, method: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--delta", str(args.delta),
-           "--threads", str(args.threads)] + (["--from-config", args.from_config] if args.from_config else [])
+           "--threads", str(args.threads)] + (["--from-config", args.from_config] if args.from_config else []) \
+        + (["--grad-checkpointing"] if args.grad_checkpointing else [])
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         raise SystemExit(f"bench_cpu: error: {method} worker failed: {res.stderr.strip().splitlines()[-1:]}")
@@ -106,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_cpu.json", help="JSON results file")
     p.add_argument("--from-config", default=None,
                    help="build this model config with random weights instead of loading SmolLM2's")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing for every method")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.warmup, args.batch, args.seq, args.delta,
-                                args.threads, args.from_config)))
+                                args.threads, args.from_config, args.grad_checkpointing)))
         return 0
     methods = args.methods.split(",")
     runs: dict[str, list[dict]] = {m: [] for m in methods}

@@ -74,26 +74,12 @@ def _write_json(path: Path, obj: Any) -> None:
 # ------------------------------------------------------------------------------------------ model folders
 def cmd_convert(a: argparse.Namespace) -> None:
     """Dequantise a GGUF into a safetensors folder the trainer loads with ``--model DIR``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from misa_train import models
 
     t0 = time.time()
-    model, tok = models._load_gguf(Path(a.gguf), torch.float32)  # eos/pad aligned with the model config
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(model.state_dict())
-    fresh.generation_config = model.generation_config
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    fresh.save_pretrained(out)
-    models._finish_tokenizer(tok).save_pretrained(out)
-    n = sum(p.numel() for p in fresh.parameters())
-    _log(f"converted {a.gguf} -> {out}: {n / 1e6:.1f}M params, eos={tok.eos_token!r} pad={tok.pad_token!r} "
-         f"({time.time() - t0:.0f}s)")
+    n = models.save_gguf_as_folder(Path(a.gguf), out)
+    _log(f"converted {a.gguf} -> {out}: {n / 1e6:.1f}M params ({time.time() - t0:.0f}s)")
 
 
 def cmd_make_tiny(a: argparse.Namespace) -> None:

@@ -85,28 +85,36 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, _align_special_tokens(tok, model)
 
 
-def _build_cache(target: Path) -> None:
-    """Dequantise the embedded GGUF and save it as a plain safetensors checkpoint, atomically.
+def save_gguf_as_folder(gguf: Path, out: Path) -> int:
+    """Dequantise a GGUF checkpoint into a plain safetensors folder (+ tokenizer) that ``load_model`` reads.
 
     ``save_pretrained`` refuses GGUF-loaded models, so the weights are moved into a fresh model built from the
-    config without ``quantization_config``. Written into a temporary sibling folder and renamed, so a crash or
-    a concurrent loader never sees a half-written cache.
+    config without ``quantization_config``. Returns the parameter count.
     """
     from transformers import AutoModelForCausalLM
 
-    model, tok = _load_gguf(default_gguf_path(), torch.float32)
+    model, tok = _load_gguf(Path(gguf), torch.float32)  # eos/pad aligned with the model config
     config = model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(model.state_dict())
     fresh.generation_config = model.generation_config
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fresh.save_pretrained(out)
+    tok.clean_up_tokenization_spaces = False
+    _finish_tokenizer(tok).save_pretrained(out)
+    return sum(p.numel() for p in fresh.parameters())
+
+
+def _build_cache(target: Path) -> None:
+    """The embedded GGUF as a safetensors folder, written into a temporary sibling and renamed, so a crash or
+    a concurrent loader never sees a half-written cache."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        fresh.save_pretrained(tmp)
-        tok.clean_up_tokenization_spaces = False
-        _finish_tokenizer(tok).save_pretrained(tmp)
+        save_gguf_as_folder(default_gguf_path(), tmp)
         try:
             os.rename(tmp, target)
         except OSError:
