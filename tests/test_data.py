@@ -1,6 +1,7 @@
 """Data: file schemas, errors with line numbers, prompt masking, truncation, batching, resume, splits."""
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from misa_train.data import (
 from misa_train.evaluate import extract_answer
 from tests.helpers_tiny import make_tiny, make_tokenizer, tiny_examples
 
-GSM8K_TRAIN = Path("/work/shared/data/gsm8k/train.jsonl")
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
+# the project's shared/ sits beside the checkout (CI clones with it there too); read by path, never copied
+SHARED_DATA = Path(os.environ.get("MISA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+GSM8K_TRAIN = SHARED_DATA / "gsm8k" / "train.jsonl"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 
 
 def _write(path: Path, lines: list) -> Path:
