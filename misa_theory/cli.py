@@ -250,12 +250,14 @@ def _plots(out: Path, results: dict, report: dict) -> None:
 def load_norms(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Read (sizes, layer ids, squared norms, names) from JSON.
 
-    Accepted shapes: ``{"modules": [{"name", "size", "layer", "sq_norm" | "score"}, ...]}`` (what the
-    trainer's ``importance.json`` holds per module), or parallel lists ``{"sizes", "layers" | "groups",
-    "sq_norms" | "scores", optional "names"}``.  Raises ValueError on anything else.
+    Accepted shapes: ``{"modules": [{"name", "size", "layer", "sq_norm" | "score"}, ...]}``, or parallel lists
+    ``{"sizes", "layers" | "groups", "sq_norms" | "scores", optional "names" | "modules"}`` (the latter is
+    what the trainer's ``importance.json`` holds).  Raises ValueError on anything else.
     """
     data = json.loads(Path(path).read_text())
-    if isinstance(data, dict) and "modules" in data and isinstance(data["modules"], list):
+    per_module = isinstance(data, dict) and isinstance(data.get("modules"), list) and all(
+        isinstance(m, dict) for m in data["modules"])
+    if per_module:
         mods = data["modules"]
         try:
             sizes = [m["size"] for m in mods]
@@ -270,7 +272,8 @@ def load_norms(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str
         norms = data.get("sq_norms", data.get("scores"))
         if norms is None:
             raise ValueError(f"{path}: needs 'sq_norms' (or 'scores') next to 'sizes'")
-        names = [str(x) for x in data.get("names", range(len(sizes)))]
+        # the trainer's importance.json: parallel lists, with the module names under "modules"
+        names = [str(x) for x in data.get("names", data.get("modules", range(len(sizes))))]
     else:
         raise ValueError(f"{path}: expected a 'modules' list or 'sizes'/'sq_norms' lists")
     sizes_a, layers_a, norms_a = (np.asarray(x) for x in (sizes, layers, norms))

@@ -76,3 +76,22 @@ def test_bad_input_is_one_line_exit_2(args, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("misa_theory: error:") and needle in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_load_norms_reads_the_trainers_importance_json(tmp_path):
+    """The notebook's measured-norms cell reads what misa_train.report writes: keep the two in step."""
+    pytest.importorskip("torch")
+    from misa_theory.cli import load_norms
+    from misa_train.modules import find_modules
+    from misa_train.report import write_importance
+    from tests.helpers_tiny import make_tiny
+
+    model, _ = make_tiny("llama")
+    mods = find_modules(model)
+    scores = [float(i + 1) for i in range(len(mods))]
+    write_importance(tmp_path / "importance.json", mods, scores)
+    sizes, layers, norms, names = load_norms(tmp_path / "importance.json")
+    assert sizes.tolist() == [m.size for m in mods]
+    assert layers.tolist() == [m.layer for m in mods]
+    assert norms.tolist() == scores
+    assert names == [m.name for m in mods]
