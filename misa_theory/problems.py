@@ -22,6 +22,7 @@ Families
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,7 +97,7 @@ def synthetic_sq_norms(sizes: np.ndarray, groups: np.ndarray, kinds: list[str], 
 
 
 @dataclass
-class Problem:
+class Problem(ABC):
     """Common interface of the synthetic objectives (see module docstring for the maths).
 
     Attributes: ``sizes`` (M,) module sizes n_b; ``groups`` (M,) layer ids; ``kinds`` module kinds;
@@ -125,13 +126,13 @@ class Problem:
         self.noise_std = w / np.sqrt(np.sum(w * w))
 
     # --- to be provided by each family -------------------------------------------------------------------
+    @abstractmethod
     def f(self, theta: np.ndarray) -> np.ndarray:
         """Objective f(θ) for each seed: (S, n) -> (S,)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def grad(self, theta: np.ndarray) -> np.ndarray:
         """Exact gradient ∇f(θ): (S, n) -> (S, n)."""
-        raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------------------------
     @property
