@@ -314,6 +314,23 @@ class Pool:
             self.save()
         return done
 
+    def run(self, queue: list[dict[str, Any]], refill: Any = None) -> None:
+        """Start jobs from ``queue`` while workers are free until all are done; a job that would end after the
+        deadline is skipped. ``refill()`` (optional) returns jobs to put at the front after every poll."""
+        while queue or self.running:
+            self.poll()
+            if refill is not None:
+                queue[:0] = refill()
+            while queue and len(self.running) < self.workers:
+                nxt = queue.pop(0)
+                if self.fits(nxt):
+                    self.start(nxt)
+                else:
+                    self.skipped.append(nxt["name"])
+                    _log(f"skip  {nxt['name']} (would end after the {self.deadline:.0f}s deadline)")
+            time.sleep(0.5)
+        self.save()
+
     def save(self) -> None:
         _write_json(self.out, {"meta": {**self.meta, "elapsed_s": self.elapsed()}, "jobs": self.results,
                                "failed": self.failed, "skipped": self.skipped})
@@ -389,19 +406,8 @@ def cmd_grid(a: argparse.Namespace) -> None:
                         new.append(sp)
         return new
 
-    while queue or pool.running:
-        pool.poll()
-        if not a.only:
-            queue = derived() + queue  # the derived seeds complete a table row: they go first
-        while queue and len(pool.running) < a.workers:
-            nxt = queue.pop(0)
-            if pool.fits(nxt):
-                pool.start(nxt)
-            else:
-                pool.skipped.append(nxt["name"])
-                _log(f"skip  {nxt['name']} (would end after the {a.deadline:.0f}s deadline)")
-        time.sleep(0.5)
-    pool.save()
+    # the derived seeds complete a table row: they go first
+    pool.run(queue, refill=None if a.only else derived)
     _log(f"grid finished in {pool.elapsed():.0f}s: {len(pool.results)} done, {len(pool.failed)} failed, "
          f"{len(pool.skipped)} skipped")
 
@@ -438,17 +444,7 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     meta = {"what": "pre-training from scratch, full Adam vs MISA", "settings": {**base, "variants": variants,
             "seeds": seeds, "models": a.models}, "argv": sys.argv}
     pool = Pool(work, a.workers, a.deadline, a.hard, a.est, Path(a.out), meta, _env(a))
-    while queue or pool.running:
-        pool.poll()
-        while queue and len(pool.running) < a.workers:
-            nxt = queue.pop(0)
-            if pool.fits(nxt):
-                pool.start(nxt)
-            else:
-                pool.skipped.append(nxt["name"])
-                _log(f"skip  {nxt['name']} (would end after the {a.deadline:.0f}s deadline)")
-        time.sleep(0.5)
-    pool.save()
+    pool.run(queue)
     _log(f"pretrain finished in {pool.elapsed():.0f}s: {len(pool.results)} done, {len(pool.failed)} failed")
 
 

@@ -54,7 +54,7 @@ relative bias of its members is at most f/E_s ≤ 1/E_s (it falls on the smalles
 leaves it last, which is typical: classes are processed largest first).  Layer-wise rules have a single size
 class (equal layers), for which the budget is first rounded down to a whole number of layers, so they are
 exact.  The authors' sequential weighted draw (add modules by p until the budget is full) does not control
-its marginals at all; see tests/test_sampler_props.py for the measured comparison with π.
+its marginals at all; docs/sampler.md has the measured comparison with π (benchmarks/bench_marginals.py).
 """
 
 from __future__ import annotations
