@@ -74,6 +74,33 @@ _TOL = 1e-9
 _ACTIVE_SET_ITERS = 30
 
 
+def _waterfill_sorted(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    r"""Row-wise π = min(1, μ_s r_su) with Σ_u N_u π_su = budget_s, floor 0, in closed form (R, U).
+
+    Requires rates ≥ 0 with some positive rate in every row and Σ_u N_u > budget.  With the rates of a row
+    sorted decreasingly, r_(1) ≥ r_(2) ≥ …, capping the j largest gives
+    μ_j = (budget − Σ_{i≤j} N_(i)) / Σ_{i>j} N_(i) r_(i); the solution is the first j with μ_j·r_(j+1) < 1
+    (the (j+1)-th stays uncapped; the j-th is then capped, since j−1 failed the test).  A fixed number of
+    array operations, whatever the rows.
+    """
+    R, U = rates.shape
+    order = np.argsort(-rates, axis=1, kind="stable")
+    r = np.take_along_axis(rates, order, axis=1)
+    n = sizes[order]
+    nr = n * r
+    capped = np.zeros((R, U + 1))
+    np.cumsum(n, axis=1, out=capped[:, 1:])  # Σ_{i≤j} N_(i), j = 0..U
+    tail = np.zeros((R, U + 1))
+    np.cumsum(nr[:, ::-1], axis=1, out=tail[:, 1:])
+    tail = tail[:, ::-1]  # Σ_{i>j} N_(i) r_(i), j = 0..U
+    live = tail[:, :U] > 0
+    # where no positive rate is left uncapped (tail 0), every positive unit is in: μ = ∞
+    mu = np.where(live, (budget[:, None] - capped[:, :U]) / np.where(live, tail[:, :U], 1.0), np.inf)
+    with np.errstate(invalid="ignore"):  # ∞·0 on zero rates, masked either way
+        j = np.argmax(~live | (mu * r < 1.0), axis=1)
+        return np.where(rates > 0, np.minimum(1.0, mu[np.arange(R), j][:, None] * rates), 0.0)
+
+
 def _waterfill_rows(rates: np.ndarray, sizes: np.ndarray, free: np.ndarray, budget: np.ndarray,
                     floor: float) -> np.ndarray:
     r"""Row-wise :func:`misa_theory.optimal.waterfill` restricted to the units marked in ``free``.
@@ -93,6 +120,9 @@ def _waterfill_rows(rates: np.ndarray, sizes: np.ndarray, free: np.ndarray, budg
         return pi
     r = np.where(pos[rows], rates[rows], 0.0)
     p = pos[rows]
+    if floor == 0.0:
+        pi[rows] = _waterfill_sorted(r, sizes, budget[rows])
+        return pi
     nr = r * sizes
     target = budget[rows] - floor * ((free[rows] & ~p) * sizes).sum(axis=1)
     mu = target / nr.sum(axis=1)

@@ -28,8 +28,11 @@ Vectorisation: all seeds advance together as arrays of shape (S, n), and one
 :class:`~misa_theory.sampler.ModuleSampler` with ``streams=S`` (seeded ``seed·1000``) draws the active sets
 of all seeds in one call per block update (a mask (S, M)) and takes all their observations in one call.  The
 active coordinates of all seeds are gathered into one flat index per period (a ``repeat`` of run starts, no
-per-module loop), so the Adam arithmetic and the noise cost O(S·δ·n) per step in preallocated buffers; the
-gradient itself is evaluated densely.  Deterministic under ``seed``.
+per-module loop), so the Adam arithmetic and the noise cost O(S·δ·n) per step in preallocated buffers.
+Gradients come from :func:`~misa_theory.oracle.make_oracle`: dense (O(S·n) per step) for any problem, and
+for ``robust`` at δ ≤ 0.1 an exact incremental oracle that recomputes only the modules that moved.  The
+oracle changes nothing but rounding (≈1e-15 relative), which the sampler's discrete draws can amplify into a
+different but equally distributed trajectory.  Deterministic under ``seed``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .oracle import Active, make_oracle
 from .problems import Problem
 from .sampler import RULES, ModuleSampler
 
@@ -137,9 +141,9 @@ class _Layout:
         self.offsets = problem.offsets[:-1]
         self._ramp = np.arange(n_seeds * self.n, dtype=np.int64)
 
-    def gather(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """For an active mask (S, M), return (flat coordinate index into (S·n), seed of each selected module,
-        module id of each selected module, start of each selected module's run in the flat index).
+    def gather(self, mask: np.ndarray) -> Active:
+        """For an active mask (S, M), the :class:`~misa_theory.oracle.Active` coordinates: flat index into (S·n),
+        seed and module id of each selected module, start of each selected module's run in the flat index.
 
         Selected modules are in (seed, module) order; module b of seed s covers s·n + offsets[b] + [0, n_b),
         so the index is one ``repeat`` of the run starts plus a ramp, with no per-module Python work.
@@ -150,7 +154,7 @@ class _Layout:
         starts = ends - lens
         shift = sel_seed * self.n + self.offsets[sel_mod] - starts
         total = int(ends[-1]) if ends.size else 0
-        return np.repeat(shift, lens) + self._ramp[:total], sel_seed, sel_mod, starts
+        return Active(np.repeat(shift, lens) + self._ramp[:total], sel_seed, sel_mod, starts)
 
 
 def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, seed: int = 0,
@@ -180,13 +184,12 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
     cfg.validate()
     S, n, M = n_seeds, problem.n_params, problem.n_modules
     rng = np.random.default_rng([seed, ALL_RULES.index(rule)])
-    theta = problem.x0(S).astype(np.float64)
-    flat = theta.reshape(-1)
+    full = rule in BASELINES
+    oracle = make_oracle(problem, problem.x0(S), active_fraction=1.0 if full else cfg.delta)
     noise_std = np.tile(problem.noise_std, S)
     layout = _Layout(problem, S)
     b1, b2, eps, T = cfg.beta1, cfg.beta2, cfg.eps, cfg.T
 
-    full = rule in BASELINES
     sampler = None if full else ModuleSampler(
         problem.sizes, problem.groups, delta=cfg.delta, rule=rule, seed=seed * 1000, eta=cfg.eta,
         ema_beta=cfg.ema_beta, min_inclusion=cfg.min_inclusion, explore=cfg.explore, streams=S)
@@ -212,12 +215,13 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
     for k in range(K):
         if full:
             mask = all_on
-            act, sel_seed, sel_mod, starts = cached
+            active = cached
         else:
             if target_pi is not None:
                 target_pi[k] = sampler.target_inclusion()[0]
             mask = sampler.draw()
-            act, sel_seed, sel_mod, starts = layout.gather(mask)
+            active = layout.gather(mask)
+        act, sel_seed, sel_mod, starts = active.idx, active.seed, active.module, active.starts
         if record_draws:
             draws.append(np.flatnonzero(mask[0]))
         counts += mask
@@ -238,12 +242,11 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
         noise = cfg.sigma * noise_std[act] if cfg.sigma > 0 and size else None
 
         for t in range(T):
-            g_full = problem.grad(theta)
             if t == 0:
-                grad_sq[k] = np.einsum("sn,sn->s", g_full, g_full)
+                grad_sq[k] = oracle.grad_sq()
             if size == 0:
                 continue
-            np.take(g_full.reshape(-1), act, out=g)
+            oracle.grad_at(active, out=g)
             if noise is not None:
                 rng.standard_normal(out=z)
                 z *= noise
@@ -252,7 +255,7 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
             sq_acc += np.add.reduceat(z, starts)
             if rule == "sgd":
                 g *= step
-                flat[act] -= g
+                oracle.step(active, g)
                 continue
             m *= b1
             m += (1.0 - b1) * g
@@ -263,13 +266,13 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
             c2 = c2 * b2
             _adam_direction(m, v, c1, c2, eps, tmp)
             tmp *= step
-            flat[act] -= tmp
+            oracle.step(active, tmp)
 
         if size and rule != "sgd":
             if flush:
                 _adam_direction(m, v, c1, c2, eps, tmp)
                 tmp *= step * b1 / (1.0 - b1)
-                flat[act] -= tmp
+                oracle.step(active, tmp)
             if keep:
                 m_full[act], v_full[act] = m, v
                 c1_full[act], c2_full[act] = c1, c2
@@ -280,8 +283,8 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
         if progress is not None:
             progress(1)
 
-    grad_sq[K] = problem.grad_sq(theta)
-    return SimResult(rule, grad_sq, problem.f(theta), counts, draws, target_pi)
+    grad_sq[K] = oracle.grad_sq()
+    return SimResult(rule, grad_sq, problem.f(oracle.theta), counts, draws, target_pi)
 
 
 def _adam_direction(m: np.ndarray, v: np.ndarray, c1: np.ndarray | float, c2: np.ndarray | float, eps: float,
