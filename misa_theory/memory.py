@@ -45,12 +45,25 @@ tests/test_memory_model.py, or against the GPU measurements):
   bench grid, never per row).
 * Loss: chunked CE keeps ∂L/∂hidden (2·T·h) from forward to backward, the final hidden (2·T·h), the final
   norm's fp32 input (4·T·h), and while a chunk of c rows is processed about 8·c·V bytes (bf16 logits,
-  fp32 logits turned in place into ∂ℓ/∂z, its bf16 cast); a trainable head adds its fp32 gradient
-  accumulator 4·V·h. The HF loss (unchunked) holds bf16 logits 2·T·V, the fp32 log-softmax 4·T·V and its
-  transient fp32 upcast 4·T·V in forward; in backward two more fp32 T·V buffers (14·T·V in all).
-* Peak = max of three points: end of forward (everything saved + loss buffers), during backward (walking
-  the layers top-down: saved activations of the layers not yet processed + gradients produced so far +
-  one layer's transient), and the optimizer step (all gradients + the step's +4 B/parameter).
+  fp32 logits turned in place into ∂ℓ/∂z, its bf16 cast). The HF loss (unchunked) holds bf16 logits 2·T·V,
+  the fp32 log-softmax 4·T·V and its transient fp32 upcast 4·T·V in forward; in backward two more fp32
+  T·V buffers (14·T·V in all).
+* Head/embedding gradients (whenever the head matrix requires grad: a trainable untied head, or a tied
+  matrix trained as embeddings or head; all V×h, weight dtype 2 B unless said):
+  forward: the chunked loss's fp32 accumulator of ∂L/∂W (4·V·h, kept until backward) and, per chunk, the
+  product gᵀ·H_c added into it (2·V·h, with g 2·c·V): ``head_fwd_transient``;
+  loss node in backward: ``(grad_w * grad_out).to(bf16)`` makes a new fp32 V×h (4·V·h) and its cast
+  (2·V·h) while the saved accumulator is still referenced, 10·V·h at once: ``head_bwd_transient``
+  (measured on an H100: doing the product in place lowers that point by exactly 4·V·h);
+  rest of backward: the head's gradient (2·V·h) exists throughout: untied as the head's ``.grad``, tied in
+  autograd's input buffer of the shared matrix, waiting for the embedding's gradient;
+  embedding backward (when the embedding matrix requires grad): the dense V×h gradient (2·V·h) next to
+  the incoming 2·T·h (+ 4·T·h fp32 partial sums on CUDA above 3072 indices); a tied matrix's two
+  gradients are summed in place, and AccumulateGrad takes the sum as ``.grad``: ``emb_bwd_transient``.
+* Peak = max of three phases: end of forward (everything saved + loss buffers), backward (the max of three
+  points: the loss node; walking the layers top-down: saved activations of the layers not yet processed
+  + gradients produced so far + one layer's transient; the embedding backward), and the optimizer step
+  (all gradients + the step's +4 B/parameter). ``Estimate.points`` has each point.
 * Not counted: CUDA context/cuBLAS workspaces (not in ``max_memory_allocated``), RoPE cos/sin tables,
   attention-mask buffers (none with is_causal), the sampler's O(modules) vectors, allocator rounding.
 """
@@ -69,6 +82,9 @@ METHODS = ("full", "lora", "lisa", "badam", "misa")
 BWD_TRANSIENT_I = 6.0
 BWD_TRANSIENT_H = 4.0
 CE_CHUNK_ELEMS = 1 << 25  # must match misa_train.losses._CHUNK_ELEMS
+EMB_BWD_DIRECT_MAX = 3072  # CUDA embedding_dense_backward: above this many indices, the sorted path
+
+
 
 
 @dataclass(frozen=True)
@@ -139,11 +155,48 @@ class Estimate:
     peak_bytes: int
     phase: str                        # "forward_end" | "backward" | "optimizer_step"
     breakdown: dict[str, int] = field(default_factory=dict)
-    phases: dict[str, int] = field(default_factory=dict)  # every candidate point's total
+    phases: dict[str, int] = field(default_factory=dict)  # every candidate phase's total
+    # the finer points behind the phases: forward_end, backward_loss (the loss node), backward_layers (the
+    # worst layer of the top-down walk), backward_embedding (the embedding's backward; 0 when it does not
+    # run), optimizer_step; "backward" = the max of the three backward points
+    points: dict[str, int] = field(default_factory=dict)
 
     @property
     def peak_gib(self) -> float:
         return self.peak_bytes / GIB
+
+
+def head_fwd_transient(a: Arch, T: int) -> int:
+    """Bytes of the chunked loss's forward transient for one chunk when the head matrix trains.
+
+    ``_ChunkedLinearCE.forward`` adds ``gᵀ·H_c`` to its fp32 accumulator chunk by chunk; the product is a
+    fresh V×h tensor in the weight dtype (2·V·h) that exists together with the chunk's bf16 ∂ℓ/∂z
+    ``g`` (2·c·V), c = rows per chunk. (The fp32 accumulator itself, 4·V·h, is counted as kept.)
+    """
+    c = min(max(64, CE_CHUNK_ELEMS // a.vocab_size), T)
+    return 2 * c * a.vocab_size + 2 * a.vocab_size * a.hidden_size
+
+
+def head_bwd_transient(a: Arch) -> int:
+    """Bytes the loss node's backward allocates for ∂L/∂W_head on top of its saved fp32 accumulator.
+
+    ``(grad_w * grad_out).to(weight dtype)``: the out-of-place product is a new fp32 V×h tensor (4·V·h)
+    and its cast another V×h tensor in the weight dtype (2·V·h), while the saved accumulator (4·V·h) is
+    still referenced: 10·V·h bytes of head gradient at once, of which this returns the 6·V·h made here.
+    """
+    return 6 * a.vocab_size * a.hidden_size
+
+
+def emb_bwd_transient(a: Arch, T: int) -> int:
+    """Bytes live during the embedding's backward besides parameter gradients already produced.
+
+    ``embedding_dense_backward`` allocates the dense V×h gradient in the weight dtype (2·V·h) while the
+    incoming ∂L/∂(embedding output) (2·T·h) is alive; on CUDA, above ``EMB_BWD_DIRECT_MAX`` indices the
+    sorted kernel also holds fp32 per-index partial sums (4·T·h). A tied matrix's buffered head gradient
+    is then summed into in place (autograd's input buffer owns it), so no third V×h tensor appears.
+    """
+    h = a.hidden_size
+    return 2 * a.vocab_size * h + 2 * T * h + (4 * T * h if T > EMB_BWD_DIRECT_MAX else 0)
 
 
 def _norm_saved(T: int, h: int, x_grad: bool, w_grad: bool, lean_ops: bool) -> int:
@@ -312,7 +365,7 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
     if lora_n:
         grad_bytes = [4 * _lora_layer_params(a, lora_r)] * L
     grad_emb = 2 * plan["emb_n"]
-    grad_head = 2 * plan["head_n"]
+    grad_head = 2 * plan["head_n"]  # untied only: a tied matrix's one gradient is grad_emb
     grad_total = sum(grad_bytes) + grad_emb + grad_head + 2 * plan["final_norm_n"]
 
     # --- saved activations per layer (and which layers are on the graph)
@@ -334,35 +387,51 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
         recompute = 0
 
     # --- loss path
+    # ∂L/∂W of the head is computed whenever the head matrix requires grad: an untied trainable head, or a
+    # tied matrix trained as embeddings and/or head. The embedding backward runs whenever the embedding
+    # matrix requires grad (plan["emb"]; tied: the same matrix).
+    Vh = V * h
+    head_grad = plan["head_trains"] or (a.tie_word_embeddings and plan["emb"])
     final = _norm_saved(T, h, x_grad, False, lean_ops) + 2 * T * h   # final norm's saved input, the final hidden
     if chunked_ce:
-        c = max(64, CE_CHUNK_ELEMS // V)
-        loss_keep = (2 * T * h if x_grad else 0) + (4 * V * h if plan["head_trains"] else 0)
-        loss_fwd_peak = loss_keep + 8 * min(c, T) * V
-        loss_bwd = loss_keep + 2 * T * h + (2 * V * h if plan["head_trains"] else 0)
+        c = min(max(64, CE_CHUNK_ELEMS // V), T)
+        loss_keep = (2 * T * h if x_grad else 0) + (4 * Vh if head_grad else 0)
+        chunk = 8 * c * V                 # fp32 logits + logsumexp's fp32 (z - max)
+        if head_grad:
+            chunk = max(chunk, head_fwd_transient(a, T))   # bf16 g and the V×h product gᵀ·H_c
+        loss_fwd_peak = loss_keep + chunk
+        loss_bwd = loss_keep + 2 * T * h + (head_bwd_transient(a) if head_grad else 0)
     else:
         loss_keep = 6 * T * V
         loss_fwd_peak = 10 * T * V
-        loss_bwd = 14 * T * V + 2 * T * h
+        loss_bwd = 14 * T * V + 2 * T * h + (2 * Vh if head_grad else 0)  # the head's mm gradient
 
     base = weights + master + adam
     acts = sum(kept) + final
     fwd_end = base + acts + loss_fwd_peak
     # backward: top-down; at layer l the layers below still hold their activations
-    bwd_peak = base + acts + loss_bwd - final + 2 * T * h  # the first step of backward (loss)
+    bwd_loss = base + acts + loss_bwd - final + 2 * T * h  # the first step of backward (loss)
+    bwd_layers = 0
     below = sum(kept)
-    grads_so_far = grad_head
+    # the head's gradient (weight dtype) exists from the loss node on: untied, as the head's .grad; tied, in
+    # the autograd input buffer of the shared matrix, where it waits for the embedding's gradient
+    head_g = 2 * Vh if head_grad else 0
+    grads_so_far = head_g
     for layer in reversed(range(L)):
         if not on_graph[layer]:
             continue
         below -= kept[layer]
         here = (base + below + (kept[layer] + recompute if ckpt else saved[layer]) + grads_so_far
                 + grad_bytes[layer] + transient + 2 * T * h)
-        bwd_peak = max(bwd_peak, here)
+        bwd_layers = max(bwd_layers, here)
         grads_so_far += grad_bytes[layer]
+    bwd_emb = (base + grads_so_far + emb_bwd_transient(a, T)) if plan["emb"] else 0
+    bwd_peak = max(bwd_loss, bwd_layers, bwd_emb)
     n_opt = n_bf16 + lora_n
     step = base + grad_total + 4 * n_opt
     phases = {"forward_end": int(fwd_end), "backward": int(bwd_peak), "optimizer_step": int(step)}
+    points = {"forward_end": int(fwd_end), "backward_loss": int(bwd_loss), "backward_layers": int(bwd_layers),
+              "backward_embedding": int(bwd_emb), "optimizer_step": int(step)}
     phase = max(phases, key=phases.__getitem__)
     breakdown = {"weights_bf16": weights, "fp32_masters": master, "adam_moments": adam}
     if phase == "optimizer_step":
@@ -371,7 +440,7 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
         breakdown.update(saved_activations=sum(kept), final_hidden_and_norm=final, loss_buffers=loss_fwd_peak)
     else:
         breakdown.update(activations_and_backward=int(bwd_peak - base))
-    return Estimate(int(phases[phase]), phase, {k: int(v) for k, v in breakdown.items()}, phases)
+    return Estimate(int(phases[phase]), phase, {k: int(v) for k, v in breakdown.items()}, phases, points)
 
 
 def flops_per_token(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, delta: float = 0.01,

@@ -175,3 +175,179 @@ def test_lean_ops_prediction_llama3_8b():
     # with checkpointing the same saving applies to the one recomputed layer (and the final norm) only
     ck = [mm.predict_peak(L8B, "misa", seq=8192, ckpt=True, lean_ops=x).peak_bytes for x in (False, True)]
     assert ck[1] <= ck[0]
+
+
+# ------------------------------------------------------------------ head / embedding gradient terms
+L1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+           num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)
+
+
+def _head_diff(arch, seq, ckpt=True):
+    """Points of MISA (one fixed draw) with the head trained minus the same with it frozen."""
+    kw = dict(seq=seq, ckpt=ckpt, active=[(3, "down_proj")], lean_ops=False)
+    on = mm.predict_peak(arch, "misa", train_head=True, **kw)
+    off = mm.predict_peak(arch, "misa", train_head=False, **kw)
+    return on, off, {k: on.points[k] - off.points[k] for k in on.points}
+
+
+def test_head_gradient_terms_untied_hand_computed():
+    a = mm.Arch.from_config(L8B)
+    V, h = a.vocab_size, a.hidden_size
+    Vh = V * h
+    T = 8192
+    on, off, d = _head_diff(L8B, T)
+    state = 12 * Vh  # fp32 master + Adam m, v of the head
+    c = (1 << 25) // V
+    assert mm.head_fwd_transient(a, T) == 2 * c * V + 2 * Vh
+    assert mm.head_bwd_transient(a) == 6 * Vh
+    # forward: the fp32 accumulator is kept; a chunk peaks at g + the V×h product gᵀH_c, not at 8cV
+    assert d["forward_end"] == state + 4 * Vh + (2 * c * V + 2 * Vh) - 8 * c * V
+    # loss node: accumulator 4Vh + (grad_w * grad_out) fp32 4Vh + its bf16 cast 2Vh  (the old model: 6Vh)
+    assert d["backward_loss"] == state + 10 * Vh
+    # layers: the head's .grad; optimizer step: its grad + its fp32 copy
+    assert d["backward_layers"] == state + 2 * Vh
+    assert d["optimizer_step"] == state + 2 * Vh + 4 * Vh
+    assert on.points["backward_embedding"] == off.points["backward_embedding"] == 0  # embeddings frozen
+
+
+def test_head_gradient_terms_tied_hand_computed():
+    a = mm.Arch.from_config(L1B)
+    Vh = a.vocab_size * a.hidden_size
+    T, h = 8192, a.hidden_size
+    on, off, d = _head_diff(L1B, T)
+    state = 12 * Vh  # tied: one matrix, trained through both uses
+    assert d["backward_loss"] == state + 10 * Vh
+    # the head's gradient waits in the shared matrix's input buffer while the layers run (the old model: 0)
+    assert d["backward_layers"] == state + 2 * Vh
+    # embedding backward: base + all grads (layer 3's down_proj, the buffered head grad) + its dense V×h
+    # gradient + ∂L/∂(embedding output) + CUDA's fp32 partial sums (T > 3072); the sum is in place
+    down = 2 * a.module_sizes()["down_proj"]
+    base = off.points["optimizer_step"] - down - 4 * a.module_sizes()["down_proj"] + state
+    assert on.points["backward_embedding"] == base + down + 2 * Vh + 2 * Vh + 2 * T * h + 4 * T * h
+    assert mm.emb_bwd_transient(a, 3072) == 2 * Vh + 2 * 3072 * h  # direct kernel: no partial sums
+    assert d["optimizer_step"] == state + 2 * Vh + 4 * Vh
+
+
+def test_lisa_backward_loss_point_is_the_peak():
+    # LISA (embeddings + head + 2 layers) peaks in the loss node's backward: 10·V·h of head gradient at once
+    for arch, seq, ckpt in ((L8B, 1024, False), (L8B, 8192, False), (L1B, 1024, True), (L1B, 8192, True)):
+        e = mm.predict_peak(arch, "lisa", seq=seq, ckpt=ckpt, lean_ops=False)
+        assert e.phase == "backward"
+        assert max(e.points, key=e.points.__getitem__) == "backward_loss"
+
+
+def _load_residuals():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_residuals.py"
+    spec = importlib.util.spec_from_file_location("memory_residuals", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, path.parent.parent / "docs" / "results"
+
+
+def test_model_within_10_percent_of_every_committed_measurement():
+    mod, results = _load_residuals()
+    rows = mod.residuals(results / f for f in mod.FILES)
+    assert len(rows) >= 79
+    worst = max(rows, key=lambda r: abs(r["err_pct"]))
+    assert abs(worst["err_pct"]) <= 10.0, worst
+    lisa = [r for r in rows if r["method"] == "lisa"]
+    assert len(lisa) == 12 and max(abs(r["err_pct"]) for r in lisa) < 2.0
+    assert mod.main(["--tol", "10"]) == 0
+
+
+def test_residual_script_uses_the_bench_shapes():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from misa_train import bench
+
+    mod, _ = _load_residuals()
+    for name, cfg in mod.ARCHS.items():
+        assert {k: bench.ARCHS[name][k] for k in cfg} == cfg, name
+    assert mod.METHODS == bench.METHODS
+
+
+def _cpu_trace():
+    """Live CPU bytes over time from the profiler's allocation events (no tensor references taken, so
+    autograd's in-place decisions are unchanged); ``mark`` splits the timeline into segments."""
+    torch = pytest.importorskip("torch")
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    class Trace:
+        def __enter__(self):
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.prof.__enter__()
+            return self
+
+        def mark(self, label):
+            with record_function("MARK::" + label):
+                pass
+
+        def __exit__(self, *exc):
+            self.prof.__exit__(*exc)
+            ev = self.prof.profiler.kineto_results.events()
+            mem = sorted((e.start_ns(), e.nbytes()) for e in ev if e.name() == "[memory]")
+            marks = sorted((e.start_ns(), e.name()[6:]) for e in ev if e.name().startswith("MARK::"))
+            self.seg, live, j = {}, 0, 0
+            for t, lab in marks:
+                start, peak = live, live
+                while j < len(mem) and mem[j][0] <= t:
+                    live += mem[j][1]
+                    peak = max(peak, live)
+                    j += 1
+                self.seg[lab] = (start, peak, live)  # live at the segment's start, its peak, at its end
+            return False
+
+    return torch, Trace
+
+
+def test_cpu_tied_head_gradient_mechanism():
+    """The mechanism behind the head terms, on a tiny tied Llama on CPU (embedding matrix trains):
+    the loss node adds 6·V·h (fp32 product + bf16 cast) over its saved fp32 accumulator; the head's 2·V·h
+    gradient then waits through the layers; the embedding backward adds its dense V×h gradient and sums
+    in place (no third V×h)."""
+    torch, Trace = _cpu_trace()
+    transformers = pytest.importorskip("transformers")
+    from misa_train.losses import model_loss
+
+    V, h, T = 8192, 64, 32
+    cfg = transformers.LlamaConfig(hidden_size=h, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=V, tie_word_embeddings=True,
+                                   attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    w = model.model.embed_tokens.weight
+    assert w is model.lm_head.weight
+    w.requires_grad_(True)
+    a = mm.Arch.from_config(cfg.to_dict())
+    Vh = V * h
+    ids = torch.randint(0, V, (1, T))
+    with Trace() as tr:
+        def on_decoder(_m, _i, out):  # fires once the loss node has produced ∂L/∂H
+            out.last_hidden_state.register_hook(lambda g: tr.mark("loss_node"))
+
+        def on_embedding(_m, _i, out):  # fires once the layers have produced ∂L/∂(embedding output)
+            out.register_hook(lambda g: tr.mark("layers"))
+
+        hooks = [model.model.register_forward_hook(on_decoder),
+                 model.model.embed_tokens.register_forward_hook(on_embedding)]
+        loss = model_loss(model, {"input_ids": ids})
+        tr.mark("forward")
+        loss.backward()
+        tr.mark("embedding")
+        for hk in hooks:
+            hk.remove()
+    small = 64 * T * h  # activations and ∂L/∂H of this toy model are O(T·h)
+    start, peak, end = tr.seg["loss_node"]
+    assert abs((peak - start) - mm.head_bwd_transient(a)) <= small, (peak - start) / Vh
+    # after the loss node: the accumulator (4Vh) is gone, the head's bf16 gradient (2Vh) stays
+    assert abs((end - start) - (2 * Vh - 4 * Vh)) <= small
+    start, peak, end = tr.seg["embedding"]
+    # the dense V×h gradient, then an in-place sum into the buffered head gradient: +2Vh at most, not +4Vh
+    assert abs((peak - start) - 2 * Vh) <= small, (peak - start) / Vh
+    assert abs(end - start) <= small
+    assert w.grad is not None and tuple(w.grad.shape) == (V, h)
