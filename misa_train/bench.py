@@ -95,14 +95,18 @@ def _build(arch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> to
 
 
 def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: int, warmup: int,
-            period: int, device: torch.device, batch: int = 1, lean: bool = True) -> dict[str, Any]:
-    """One configuration: build, warm up, time; returns the row (never raises on CUDA OOM)."""
+            period: int, device: torch.device, batch: int = 1, lean: bool | str = True) -> dict[str, Any]:
+    """One configuration: build, warm up, time; returns the row (never raises on CUDA OOM).
+
+    ``lean``: "on" (or True) = misa_train.lean_ops, "compiled" = misa_train.fused_ops (compiled and checked
+    before the peak statistics are reset; ``compile_s`` is that time), "off" (or False) = HF's ops. Unlike
+    the trainer, the bench applies the choice with and without checkpointing."""
     # the previous row's model may sit in reference cycles (patched forwards): free it before measuring
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    from misa_train import lean_ops
-    from misa_train.config import TrainConfig
+    from misa_train import fused_ops, lean_ops
+    from misa_train.config import ConfigError, TrainConfig
     from misa_train.losses import model_loss
     from misa_train.methods import build_method
     from misa_train.modules import count_parameters, find_modules
@@ -110,15 +114,25 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
 
     arch = ARCHS[model_name]
     method, over = METHODS[method_name]
+    mode = "on" if lean is True else "off" if lean is False else str(lean)
     row: dict[str, Any] = {"model": model_name, "method": method_name, "seq": seq, "batch": batch,
-                           "ckpt": ckpt, "status": "ok"}
+                           "ckpt": ckpt, "status": "ok", "lean_mode": mode}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     state: dict[str, Any] = {}
     try:
         model = _build(arch, device, dtype)
         state["model"] = model
         modules = find_modules(model)
-        row["lean_ops"] = lean and lean_ops.patch_model(model) > 0  # TrainConfig.lean_ops
+        if mode == "compiled":
+            rep: dict[str, Any] = {}
+            # strict=False: a compiled op saving more than the eager lean op is reported, not fatal
+            row["lean_ops"] = fused_ops.patch_model(model, rows_hint=batch * seq, strict=False, report=rep) > 0
+            row.update(compile_s=rep.get("seconds"), compile_graphs=rep.get("graphs"),
+                       fused_saved_bytes=rep.get("saved"), fused_as_lean=rep.get("lean"))
+            if rep and not rep.get("lean"):
+                print(f"bench: compiled ops save more than the lean ops: {rep['saved']}", file=sys.stderr)
+        else:  # the memory model's lean_ops flag (TrainConfig.lean_ops)
+            row["lean_ops"] = mode == "on" and lean_ops.patch_model(model) > 0
         total = count_parameters(model)
         cfg = TrainConfig(method=method, period=period, grad_checkpointing=ckpt, max_seq_len=seq,
                           batch_size=batch, lr=1e-5, warmup_steps=0, max_steps=warmup + steps, **over)
@@ -132,8 +146,11 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
             enable_checkpointing(model, net)
         net.train()
         gen = torch.Generator(device="cpu").manual_seed(1)
-        times, draws, losses = [], [], []
+        times, draws, losses, warm_times = [], [], [], []
+        graphs0 = None
         for step in range(warmup + steps):
+            if step == warmup:
+                graphs0 = fused_ops.compiled_graphs()
             ids = torch.randint(0, arch["vocab_size"], (batch, seq), generator=gen).to(device)
             _sync(device)
             t0 = time.perf_counter()
@@ -155,6 +172,12 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
                 draws.append([[modules[i].layer, modules[i].kind] for i in idx])
             if step >= warmup:
                 times.append(dt)
+            else:
+                warm_times.append(dt)
+        graphs1 = fused_ops.compiled_graphs()
+        # Dynamo graphs compiled during the timed steps (0 = no compilation in the timing)
+        row["timed_compiles"] = None if graphs0 is None or graphs1 is None else graphs1 - graphs0
+        row["warmup_step_times"] = warm_times
         med = statistics.median(times)
         # steps that open a period pay for the draw and the state (de)allocation; a real run has T ~ 20
         steady = [t for k, t in enumerate(times) if (warmup + k) % period != 0] or times
@@ -168,6 +191,9 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
         row["draws"] = draws
     except torch.OutOfMemoryError as e:
         row.update(status="OOM", error=str(e).splitlines()[0][:200])
+    except ConfigError as e:  # fused_ops: torch.compile failed or its result did not check out
+        row.update(status="error", error=str(e))
+        print(f"bench: {e}", file=sys.stderr)
     finally:
         state.clear()
         gc.collect()
@@ -262,8 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     p.add_argument("--tag", default="bench", help="file name stem of the outputs")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, seq 32, every method")
-    p.add_argument("--lean-ops", default="on", choices=("on", "off"),
-                   help="activation-lean SwiGLU/RMSNorm (misa_train.lean_ops), as TrainConfig.lean_ops")
+    p.add_argument("--lean-ops", default="on", choices=("on", "off", "compiled"),
+                   help="activation-lean SwiGLU/RMSNorm: on = misa_train.lean_ops (TrainConfig.lean_ops), "
+                        "compiled = the torch.compile'd fused variant misa_train.fused_ops (lean_ops + "
+                        "compile_ops; compiled before the timing, at least 2 warm-up steps), off = HF's ops; "
+                        "applied with and without --ckpt")
     a = p.parse_args(argv)
     if a.quick:
         models, seqs, device = ["tiny"], [32], torch.device("cpu")
@@ -273,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         seqs = [int(s) for s in a.seqs.split(",")]
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         steps, warmup = a.steps, a.warmup
+    if a.lean_ops == "compiled" and warmup < 2:
+        warmup = 2  # the compiled graphs exist before step 0; the first steps still pay one-off costs
     methods = a.methods.split(",")
     for name, known in ((models, ARCHS), (methods, METHODS)):
         bad = [x for x in name if x not in known]
@@ -288,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "git_commit": _git_commit(),
             "argv": sys.argv[1:] if argv is None else argv, "peak_bf16_flops": _peak_flops(device),
-            "steps": steps, "warmup": warmup, "period": a.period}
+            "steps": steps, "warmup": warmup, "period": a.period, "lean_ops": a.lean_ops}
     try:
         import peft
 
@@ -302,13 +333,14 @@ def main(argv: list[str] | None = None) -> int:
                 for meth in methods:
                     t0 = time.perf_counter()
                     r = run_one(model_name, meth, seq, ck, steps=steps, warmup=warmup, period=a.period,
-                                device=device, lean=a.lean_ops == "on")
+                                device=device, lean=a.lean_ops)
                     pk = meta["peak_bf16_flops"]
                     if pk and r.get("tokens_per_s") and r.get("flops_per_token"):
                         r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / pk
                     r["wall_s"] = time.perf_counter() - t0
                     rows.append(r)
-                    print(_table([r]).splitlines()[-1], f" ({r['wall_s']:.0f}s)", flush=True)
+                    extra = f", compile {r['compile_s']:.0f}s" if r.get("compile_s") is not None else ""
+                    print(_table([r]).splitlines()[-1], f" ({r['wall_s']:.0f}s{extra})", flush=True)
                     # rewrite after each row: a run cut short by a time limit still leaves its numbers
                     (out / f"{a.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print()
@@ -318,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     if errs:
         print(f"\nmemory model: max |err| {max(errs):.1f}%, mean |err| {sum(errs) / len(errs):.1f}% "
               f"over {len(errs)} measured rows")
+    if any(r["status"] == "error" for r in rows):
+        return 1
     if os.environ.get("BENCH_FAIL_ON_NAN") and any(not math.isfinite(r.get("loss_last", 0.0)) for r in rows):
         return 1
     return 0

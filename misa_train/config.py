@@ -85,6 +85,9 @@ class TrainConfig:
                                 "draw instead of first visiting every module once")
     lean_ops: bool = _f(True, "SwiGLU/RMSNorm that save less for backward (g, u; bf16 norm input), same outputs; "
                                "applied only without grad_checkpointing, where it saves memory")
+    compile_ops: bool = _f(False, "with lean_ops: torch.compile the lean SwiGLU/RMSNorm into fused kernels that save "
+                                  "the same (misa_train.fused_ops; for CUDA, compiled once at start, a one-line "
+                                  "error if that fails); applied with and without grad_checkpointing")
     seed: int = _f(0, "seed for python, numpy, torch, data order and module draws")
     device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N or mps")
     # evaluation, logging, checkpoints
@@ -134,6 +137,8 @@ class TrainConfig:
         for name in ("warmup_steps", "seed", "eval_every", "gen_eval_examples", "save_every", "n_val"):
             _range(self, name, lo=0)
         _range(self, "max_seq_len", lo=8)
+        if self.compile_ops and not self.lean_ops:
+            raise ConfigError("compile_ops: compiles the lean ops, so it needs lean_ops (drop --no-lean-ops)")
         model_path = Path(self.model).expanduser() if self.model is not None else None
         if model_path is not None and _looks_like_path(self.model) and not model_path.exists():
             raise ConfigError(f"model: path does not exist: {self.model}")

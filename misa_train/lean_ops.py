@@ -27,7 +27,8 @@ input dtype, as plain autograd would.
 
 :func:`patch_model` swaps these into a loaded model by replacing the ``forward`` of the matching module
 instances (never their classes, parameters or state dict); the MLP forward still calls ``self.gate_proj``
-etc., so peft-wrapped or otherwise substituted linears keep working.
+etc., so peft-wrapped or otherwise substituted linears keep working. :mod:`misa_train.fused_ops` patches the
+same modules with a torch.compile'd variant (fused kernels, the same tensors saved).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SwiGLU", "RMSNormFn", "swiglu", "rms_norm", "patch_model", "unpatch_model", "is_patched"]
+__all__ = ["SwiGLU", "RMSNormFn", "swiglu", "rms_norm", "patch_model", "unpatch_model", "is_patched",
+           "patched_variant"]
 
 # Rows per backward chunk are chosen so one fp32 temporary holds at most this many elements (128 MiB): large
 # enough that a 1k-token step is one chunk (kernel launches, not bandwidth, bound these small ops on a GPU).
@@ -200,20 +202,36 @@ def patch_model(model: nn.Module) -> int:
     (Gemma's GELU MLP and 1 + w norm, GPT-2, other classes) is left alone. Idempotent: modules patched
     before are not counted again. Only the instance's ``forward`` changes (``types.MethodType``).
     """
+    return _patch_with(model, _lean_mlp_forward, _lean_norm_forward, "eager")
+
+
+def _targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Not yet patched modules that :func:`patch_model` would patch, as (module, "mlp" | "norm")."""
     silu, norms = _silu_classes(), _norm_classes()
-    n = 0
+    out: list[tuple[nn.Module, str]] = []
     for m in model.modules():
         if is_patched(m):
             continue
         if _is_swiglu_mlp(m, silu):
-            m.forward = types.MethodType(_lean_mlp_forward, m)
+            out.append((m, "mlp"))
         elif _is_rms_norm(m, norms):
-            m.forward = types.MethodType(_lean_norm_forward, m)
-        else:
-            continue
-        setattr(m, _MARK, True)
-        n += 1
-    return n
+            out.append((m, "norm"))
+    return out
+
+
+def _patch_with(model: nn.Module, mlp_forward: Any, norm_forward: Any, variant: str) -> int:
+    """Patch :func:`_targets` with these forwards; the mark records ``variant`` (see :func:`patched_variant`)."""
+    targets = _targets(model)
+    for m, kind in targets:
+        m.forward = types.MethodType(mlp_forward if kind == "mlp" else norm_forward, m)
+        setattr(m, _MARK, variant)
+    return len(targets)
+
+
+def patched_variant(module: nn.Module) -> str | None:
+    """``"eager"`` (:func:`patch_model`), ``"compiled"`` (misa_train.fused_ops.patch_model) or None."""
+    v = module.__dict__.get(_MARK)
+    return None if not v else ("eager" if v is True else str(v))
 
 
 def unpatch_model(model: nn.Module) -> int:

@@ -274,7 +274,13 @@ def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any
         raise ConfigError(f"model: {e}") from None
     model = dist.shard(model, dtype, device)
     modules = find_modules(model)
-    if cfg.lean_ops and not cfg.grad_checkpointing:
+    if cfg.lean_ops and cfg.compile_ops:
+        # fused lean ops (torch.compile): as lean, fewer kernels; with checkpointing too, whose recompute runs
+        # the forward again (docs/trainer.md); compiled and checked here, one-line ConfigError on failure
+        from misa_train import fused_ops
+
+        fused_ops.patch_model(model)
+    elif cfg.lean_ops and not cfg.grad_checkpointing:
         # same outputs, less saved for backward; with checkpointing only layer inputs are saved, so the lean
         # ops would cost speed (measured on H100: -12% tok/s) for no memory (docs/results.md)
         lean_ops.patch_model(model)
