@@ -353,6 +353,18 @@ def _env(a: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def _parse_lrs(text: str, keys: list[str]) -> dict[str, tuple[float, ...]]:
+    """``misa1=3e-4,1e-4;lisa=1e-4`` -> {key: lrs}: per-method lr grids replacing LR_GRID (first lr = the
+    two-seed one)."""
+    out: dict[str, tuple[float, ...]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, _, lrs = part.partition("=")
+        if key.strip() not in keys or not lrs:
+            raise SystemExit(f"--lrs: {part!r} must be KEY=lr[,lr...] with KEY one of {', '.join(keys)}")
+        out[key.strip()] = tuple(float(x) for x in lrs.split(","))
+    return out
+
+
 def cmd_grid(a: argparse.Namespace) -> None:
     """The SFT comparison; see the module docstring for the order in which jobs are started."""
     keys = [k.strip() for k in a.methods.split(",") if k.strip()]
@@ -368,6 +380,7 @@ def cmd_grid(a: argparse.Namespace) -> None:
         return {**common, "name": f"{key}-lr{lr:g}-s{seed}", "key": key, "kind": "sft", "overrides": ov}
 
     grids = {k: LR_GRID[FAMILY[k]][: a.n_lr] for k in keys}
+    grids.update(_parse_lrs(a.lrs, keys))
     queue: list[dict[str, Any]] = []
     if a.base:
         queue.append({**common, "name": "base", "key": "base", "kind": "base",
@@ -376,7 +389,8 @@ def cmd_grid(a: argparse.Namespace) -> None:
     for s in seeds:
         queue += [spec(k, grids[k][0], s) for k in keys]
     # lr-major, so a deadline that cuts the grid short cuts it the same way for every method
-    queue += [spec(k, grids[k][i], seeds[0]) for i in range(1, a.n_lr) for k in keys if i < len(grids[k])]
+    queue += [spec(k, grids[k][i], seeds[0]) for i in range(1, max(map(len, grids.values()))) for k in keys
+              if i < len(grids[k])]
     if a.only:  # re-run named jobs only (e.g. after a device failure), nothing derived
         queue = [q for q in queue if q["name"] in set(a.only.split(","))]
     meta = {"what": "SFT GSM8K quality grid", "settings": {**base, "methods": {k: METHODS[k] for k in keys},
@@ -653,6 +667,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--gen-batch", type=int, default=0, help="generation batch (0 = all acc-n items at once)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--only", default="", help="comma-separated job names: run just these")
+    g.add_argument("--lrs", default="", help="per-method lr grids, e.g. 'misa1=3e-4,1e-4;lisa=3e-4' "
+                   "(first lr runs on every seed; replaces the family grid for those methods)")
     g.add_argument("--base", action=argparse.BooleanOptionalAction, default=True,
                    help="also score the model before fine-tuning")
 
