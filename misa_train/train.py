@@ -219,6 +219,10 @@ def enable_checkpointing(model: torch.nn.Module, net: torch.nn.Module) -> None:
     if hasattr(model, "config"):
         model.config.use_cache = False
     net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers (5.x) adds the input-requires-grad hook itself for any model fed input_ids; take it off again
+    for m in {net, model}:
+        if hasattr(m, "disable_input_require_grads"):
+            m.disable_input_require_grads()
 
 
 def forward_loss(net: torch.nn.Module, batch: dict[str, Any], sharded: bool) -> torch.Tensor:
