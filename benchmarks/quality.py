@@ -54,8 +54,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "badam": {"method": "badam", "badam_layers": 1},
     "misa1": {"method": "misa", "delta": 0.01},
     "misa3": {"method": "misa", "delta": 0.03},
+    # opt-in depth-aware sampling (TrainConfig.depth_bias): not the paper's rule, run only when named
+    "misa1d2": {"method": "misa", "delta": 0.01, "depth_bias": 2.0},
+    "misa3d2": {"method": "misa", "delta": 0.03, "depth_bias": 2.0},
 }
-FAMILY = {"full": "full", "lora": "lora", "lisa": "block", "badam": "block", "misa1": "block", "misa3": "block"}
+FAMILY = {"full": "full", "lora": "lora", "lisa": "block", "badam": "block", "misa1": "block", "misa3": "block",
+          "misa1d2": "block", "misa3d2": "block"}
 # learning-rate grid per family: (middle, lower, upper); the middle is run first with every seed
 LR_GRID = {"full": (2e-5, 1e-5, 5e-5), "lora": (5e-4, 2e-4, 1e-3), "block": (5e-5, 2e-5, 1e-4)}
 
@@ -469,7 +473,8 @@ def _mean_spread(xs: list[float]) -> tuple[float, float]:
 
 
 LABEL = {"full": "full AdamW", "lora": "LoRA r16", "lisa": "LISA (2 layers)", "badam": "BAdam (1 layer)",
-         "misa1": "MISA δ=1%", "misa3": "MISA δ=3%", "base": "no fine-tuning"}
+         "misa1": "MISA δ=1%", "misa3": "MISA δ=3%", "misa1d2": "MISA δ=1%, depth_bias 2",
+         "misa3d2": "MISA δ=3%, depth_bias 2", "base": "no fine-tuning"}
 
 
 def select_rows(d: dict[str, Any]) -> list[dict[str, Any]]:
@@ -515,7 +520,7 @@ def sft_table(d: dict[str, Any]) -> str:
         out.append(f"| no fine-tuning | — | — | — | {base['test_loss']:.4f} | {100 * base.get('accuracy', 0):.1f}% "
                    f"(n={base.get('accuracy_n', 0)}) | — | — | — | — | — |")
     budget = {"full": "all", "lora": "r=16", "lisa": "2 layers/period", "badam": "1 layer/period",
-              "misa1": "δ=1%", "misa3": "δ=3%"}
+              "misa1": "δ=1%", "misa3": "δ=3%", "misa1d2": "δ=1%", "misa3d2": "δ=3%"}
     for r in rows:
         runs = r["runs"]
         tl = _mean_spread([x["test_loss"] for x in runs])
@@ -652,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--model", required=True)
     g.add_argument("--train", required=True)
     g.add_argument("--test", required=True)
-    g.add_argument("--methods", default=",".join(METHODS))
+    g.add_argument("--methods", default=",".join(k for k in METHODS if "depth_bias" not in METHODS[k]))
     g.add_argument("--seeds", default="0,1")
     g.add_argument("--n-lr", type=int, default=3, help="how much of each family's lr grid to try (1..3)")
     g.add_argument("--steps", type=int, default=300)

@@ -169,6 +169,11 @@ class ModuleSampler:
         explore: visit every unit once before score-driven rules trust the scores.
         streams: None for one sampler with the 1-D API (indices in, indices out); an int S ≥ 1 for S
             independent samplers whose scores, targets and draws are arrays (S, B) (see the module docstring).
+        depth_bias: γ ≥ 0, opt-in and module-wise rules only: every rate is multiplied by exp(γ·(d_b − 1)),
+            d_b = rank of b's group / (number of groups − 1) ∈ [0, 1] (groups in depth order: 0 = the bottom
+            layer), which tilts π towards upper layers so backward, which must reach the lowest active
+            layer, is shorter.  For ``misa`` this adds γ·(d_b − 1) to the softmax logit.  0 (the default)
+            is the paper's rule; every reachable module keeps π > 0.
     """
 
     def __init__(
@@ -184,6 +189,7 @@ class ModuleSampler:
         min_inclusion: float = 0.0,
         explore: bool = True,
         streams: int | None = None,
+        depth_bias: float = 0.0,
     ) -> None:
         n = positive(sizes, "sizes")
         if np.any(n != np.round(n)):
@@ -248,6 +254,13 @@ class ModuleSampler:
         self._block_prev = np.where(starts > 0, starts - 1, -1)  # last position of the previous block
         self._pipage_order = np.argsort(-self._class_sizes, kind="stable")  # largest class first
         self._fsizes = self._unit_sizes.astype(np.float64)
+        if not (np.isfinite(depth_bias) and depth_bias >= 0):
+            raise ValueError(f"depth_bias must be a finite number ≥ 0, got {depth_bias!r}")
+        if depth_bias > 0 and layer:
+            raise ValueError(f"depth_bias applies to the module-wise rules, not {rule!r}")
+        self.depth_bias = float(depth_bias)
+        depth = self.groups / max(self.n_groups - 1, 1)
+        self._tilt = np.exp(self.depth_bias * (depth - 1.0)) if self.depth_bias > 0 else None
         if not 0.0 <= min_inclusion <= 1.0:
             raise ValueError(f"min_inclusion must lie in [0, 1], got {min_inclusion!r}")
         if min_inclusion * self._unit_sizes[self._reachable].sum() > self.budget:
@@ -350,7 +363,7 @@ class ModuleSampler:
     # ------------------------------------------------------------------ targets
     def _rates_rows(self, scores: np.ndarray, free: np.ndarray) -> np.ndarray:
         """The rule's water-filling rates over the ``free`` units of each row (scale-free: μ absorbs scale)."""
-        ones = np.ones(free.shape)
+        ones = np.ones(free.shape) if self._tilt is None else np.broadcast_to(self._tilt, free.shape)
         if self.rule not in SCORE_RULES:
             return ones
         score = np.where(free, scores, 0.0)
@@ -364,6 +377,8 @@ class ModuleSampler:
             rates /= rates.sum(axis=1, keepdims=True)
         else:
             rates = np.sqrt(score / self._fsizes)
+        if self._tilt is not None:  # scale-free rates: multiplying is adding log-tilt to the logit
+            rates = rates * self._tilt
         return np.where(live[:, None], rates, ones)
 
     def _target_units(self, rows: np.ndarray) -> np.ndarray:

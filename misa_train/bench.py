@@ -95,7 +95,8 @@ def _build(arch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> to
 
 
 def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: int, warmup: int,
-            period: int, device: torch.device, batch: int = 1, lean: bool | str = True) -> dict[str, Any]:
+            period: int, device: torch.device, batch: int = 1, lean: bool | str = True,
+            depth_bias: float = 0.0) -> dict[str, Any]:
     """One configuration: build, warm up, time; returns the row (never raises on CUDA OOM).
 
     ``lean``: "on" (or True) = misa_train.lean_ops, "compiled" = misa_train.fused_ops (compiled and checked
@@ -117,6 +118,9 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
     mode = "on" if lean is True else "off" if lean is False else str(lean)
     row: dict[str, Any] = {"model": model_name, "method": method_name, "seq": seq, "batch": batch,
                            "ckpt": ckpt, "status": "ok", "lean_mode": mode}
+    if method == "misa" and depth_bias:
+        over = {**over, "depth_bias": depth_bias}
+        row["depth_bias"] = depth_bias
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     state: dict[str, Any] = {}
     try:
@@ -293,7 +297,12 @@ def main(argv: list[str] | None = None) -> int:
                         "compiled = the torch.compile'd fused variant misa_train.fused_ops (lean_ops + "
                         "compile_ops; compiled before the timing, at least 2 warm-up steps), off = HF's ops; "
                         "applied with and without --ckpt")
+    p.add_argument("--depth-bias", type=float, default=0.0,
+                   help="TrainConfig.depth_bias for the misa rows (0 = the paper's sampling)")
     a = p.parse_args(argv)
+    if a.depth_bias < 0:
+        print("bench: --depth-bias must be >= 0", file=sys.stderr)
+        return 2
     if a.quick:
         models, seqs, device = ["tiny"], [32], torch.device("cpu")
         steps, warmup = min(a.steps, 3), 1
@@ -333,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                 for meth in methods:
                     t0 = time.perf_counter()
                     r = run_one(model_name, meth, seq, ck, steps=steps, warmup=warmup, period=a.period,
-                                device=device, lean=a.lean_ops)
+                                device=device, lean=a.lean_ops, depth_bias=a.depth_bias)
                     pk = meta["peak_bf16_flops"]
                     if pk and r.get("tokens_per_s") and r.get("flops_per_token"):
                         r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / pk

@@ -57,6 +57,9 @@ class TrainConfig:
     period: int = _f(20, "T: optimizer steps between two module draws")
     ema_beta: float = _f(0.9, "EMA factor of the per-module squared-gradient-norm scores, in [0, 1)")
     min_inclusion: float = _f(0.0, "floor on each module's inclusion probability, in [0, 1]")
+    depth_bias: float = _f(0.0, "opt-in: tilt module sampling towards upper layers by exp(depth_bias*(depth-1)), "
+                                "depth in [0, 1], so backward stops higher (faster, fewer low-layer updates); "
+                                "0 = the paper's rule")
     reweight: bool = _f(False, "scale active modules' gradients by 1/inclusion probability (unbiased)")
     retain_state: bool = _f(False, "keep Adam moments of modules that leave the active set (more memory)")
     train_embeddings: bool = _f(False, "also train the token embeddings (always active)")
@@ -122,6 +125,9 @@ class TrainConfig:
         _range(self, "eta", lo=0.0)
         _range(self, "ema_beta", lo=0.0, hi=1.0, hi_open=True)
         _range(self, "min_inclusion", lo=0.0, hi=1.0)
+        _range(self, "depth_bias", lo=0.0)
+        if self.depth_bias > 0 and self.method != "misa":
+            raise ConfigError(f"depth_bias: applies to method misa only, not {self.method}")
         _range(self, "lora_dropout", lo=0.0, hi=1.0, hi_open=True)
         _range(self, "val_fraction", lo=0.0, hi=1.0, hi_open=True)
         _range(self, "lr", lo=0.0, lo_open=True)

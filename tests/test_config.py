@@ -43,6 +43,8 @@ def test_every_field_has_help():
     ({"betas": [0.9]}, "betas"),
     ({"betas": [0.9, 1.0]}, "betas"),
     ({"ema_beta": 1.0}, "ema_beta"),
+    ({"depth_bias": -1.0}, "depth_bias"),
+    ({"depth_bias": 1.0, "method": "lisa"}, "depth_bias"),
     ({"period": 0}, "period"),
     ({"max_steps": 0}, "max_steps"),
     ({"batch_size": 2.5}, "batch_size"),

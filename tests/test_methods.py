@@ -249,3 +249,11 @@ def test_load_state_dict_refuses_other_method():
     b, _ = make("llama", method="lisa", lisa_layers=1)
     with pytest.raises(ValueError, match="method"):
         b.load_state_dict(copy.deepcopy(a.state_dict()))
+
+
+def test_depth_bias_reaches_the_sampler_and_favours_the_top_layer():
+    method, _ = make(num_layers=4, depth_bias=3.0, delta=0.1, probe_importance=False)
+    assert method.sampler.depth_bias == 3.0
+    pi = method.sampler.target_inclusion()
+    groups = method.sampler.groups
+    assert pi[groups == groups.max()].mean() > 3 * pi[groups == 0].mean() > 0

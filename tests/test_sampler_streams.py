@@ -213,3 +213,28 @@ def test_closed_form_waterfill_rows_equal_the_reference_waterfill(seed, R, U, co
         if members.size:
             want[members] = waterfill(rates[i, members], sizes[members], float(budget[i]), 0.0)
         np.testing.assert_allclose(got[i], want, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["misa", "optimal", "uniform"])
+def test_depth_bias_tilts_inclusion_towards_upper_layers_and_keeps_the_budget(rule):
+    """γ > 0 raises π with depth among equal-score, equal-size modules; γ = 0 is the paper's rule exactly."""
+    sizes, groups = [10] * 12, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    plain = ModuleSampler(sizes, groups, delta=0.25, rule=rule, seed=3, explore=False)
+    zero = ModuleSampler(sizes, groups, delta=0.25, rule=rule, seed=3, explore=False, depth_bias=0.0)
+    tilted = ModuleSampler(sizes, groups, delta=0.25, rule=rule, seed=3, explore=False, depth_bias=2.0)
+    for s in (plain, zero, tilted):
+        s.observe(np.arange(12), np.ones(12))
+    np.testing.assert_array_equal(plain.target_inclusion(), zero.target_inclusion())
+    pi = tilted.target_inclusion()
+    per_layer = pi.reshape(6, 2).mean(axis=1)
+    assert np.all(np.diff(per_layer) > 0) and pi.min() > 0
+    assert abs(pi @ np.asarray(sizes) - plain.budget) < 1e-9
+    for _ in range(200):
+        assert np.asarray(sizes)[tilted.draw()].sum() <= tilted.budget
+
+
+def test_depth_bias_is_refused_for_layer_rules_and_when_negative():
+    with pytest.raises(ValueError, match="module-wise"):
+        ModuleSampler([4] * 4, [0, 0, 1, 1], delta=0.5, rule="lisa", depth_bias=1.0)
+    with pytest.raises(ValueError, match="depth_bias"):
+        ModuleSampler([4] * 4, [0, 0, 1, 1], delta=0.5, rule="misa", depth_bias=-1.0)
