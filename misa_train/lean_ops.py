@@ -104,10 +104,19 @@ class RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        # op for op HF's LlamaRMSNorm.forward (fp32 statistics, cast back before scaling by w)
+        # op for op HF's LlamaRMSNorm.forward (fp32 statistics, cast back before scaling by w), but the three
+        # full-size results (x₃₂², x₃₂·r, w·(…)) share one buffer instead of three fresh tensors: the same
+        # kernels, so the same bits; fewer transient (tokens × hidden) tensors per norm (on a CPU each freed one
+        # is a heap hole that the next allocation of the same size cannot reuse, see docs/trainer.md)
         x32 = x.to(_compute_dtype(x.dtype))
-        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        y = weight * (x32 * r).to(x.dtype)
+        buf = x32.pow(2)
+        r = torch.rsqrt(buf.mean(-1, keepdim=True) + eps)
+        xh = torch.mul(x32, r, out=buf)
+        y = xh.to(x.dtype)
+        if y.dtype == weight.dtype and y.shape == torch.broadcast_shapes(y.shape, weight.shape):
+            y.mul_(weight)  # w ⊙ ŷ == ŷ ⊙ w bit for bit; in place only where no promotion/broadcast grows it
+        else:
+            y = weight * y
         ctx.save_for_backward(x, weight, r)
         return y
 

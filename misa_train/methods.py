@@ -198,7 +198,7 @@ class Method:
         hands the free pages of the C heap back to the OS, so the next step does not run on top of them."""
         self.optimizer.step(lr)
         self.optimizer.zero_grad()
-        if False:
+        if self._host:
             release_host_memory()
 
     def end_period(self) -> None:
