@@ -111,7 +111,7 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
     from misa_train.losses import model_loss
     from misa_train.methods import build_method
     from misa_train.modules import count_parameters, find_modules
-    from misa_train.train import enable_checkpointing
+    from misa_train.train import PROBE_TOKENS, enable_checkpointing
 
     arch = ARCHS[model_name]
     method, over = METHODS[method_name]
@@ -150,6 +150,14 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
             enable_checkpointing(model, net)
         net.train()
         gen = torch.Generator(device="cpu").manual_seed(1)
+        if cfg.probe_importance:
+            # as train.run: one short all-module backward, so the timed draws follow the sampling rule rather
+            # than the exploration cycle; a one-off, so it is kept out of the peak and the timing
+            probe = torch.randint(0, arch["vocab_size"], (batch, min(seq, PROBE_TOKENS)), generator=gen)
+            row["probed"] = m.probe_importance(lambda: model_loss(net, {"input_ids": probe.to(device)}))
+            if device.type == "cuda":
+                row["probe_peak_gib"] = torch.cuda.max_memory_allocated(device) / mm.GIB
+                torch.cuda.reset_peak_memory_stats(device)
         times, draws, losses, warm_times = [], [], [], []
         graphs0 = None
         for step in range(warmup + steps):
