@@ -126,6 +126,8 @@ class TrainConfig:
         _range(self, "ema_beta", lo=0.0, hi=1.0, hi_open=True)
         _range(self, "min_inclusion", lo=0.0, hi=1.0)
         _range(self, "depth_bias", lo=0.0)
+        if self.depth_bias != self.depth_bias or self.depth_bias == float("inf"):
+            raise ConfigError(f"depth_bias: must be a finite number, got {self.depth_bias}")
         if self.depth_bias > 0 and self.method != "misa":
             raise ConfigError(f"depth_bias: applies to method misa only, not {self.method}")
         _range(self, "lora_dropout", lo=0.0, hi=1.0, hi_open=True)

@@ -44,6 +44,8 @@ def test_every_field_has_help():
     ({"betas": [0.9, 1.0]}, "betas"),
     ({"ema_beta": 1.0}, "ema_beta"),
     ({"depth_bias": -1.0}, "depth_bias"),
+    ({"depth_bias": float("nan")}, "depth_bias"),
+    ({"depth_bias": float("inf")}, "depth_bias"),
     ({"depth_bias": 1.0, "method": "lisa"}, "depth_bias"),
     ({"period": 0}, "period"),
     ({"max_steps": 0}, "max_steps"),
