@@ -51,7 +51,13 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "misa3": ("misa", {"delta": 0.03}),
 }
 FILES = ("bench_8b.json", "bench_1b.json", "bench_8b_misa1_long.json", "lean_on_1024.json", "lean_off_1024.json",
-         "lean_on_8192.json", "lean_off_8192.json")
+         "lean_on_8192.json", "lean_off_8192.json",
+         # stop 8: compile_ops, the checkpointing fix, depth_bias and the probe (docs/results.md, Targets — final)
+         "lean_compiled_1024.json", "lean_compiled_8192.json", "lean_off_1024_b.json", "lean_off_8192_b.json",
+         "long_compiled_1024.json", "long_off_1024.json", "long_compiled_8192.json", "long_off_8192.json",
+         "fix_compiled_8192.json", "fix_off_8192.json", "fix_compiled_8192_misa3.json", "fix_badam_8192.json",
+         "db2_compiled_1024.json", "db4_compiled_1024.json", "db2_compiled_8192.json",
+         "p_compiled_1024.json", "p_compiled_1024_rep.json", "p_db2_compiled_1024.json", "p_compiled_8192.json")
 
 
 def _kw(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
