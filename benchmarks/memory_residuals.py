@@ -31,25 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from misa_theory import memory as mm  # noqa: E402
+from misa_train.bench_grid import ARCHS, METHODS  # noqa: E402  (torch-free)
 
-# the shapes and method options of misa_train.bench (which imports torch); tests/test_memory_model.py checks
-# that they are the same
-ARCHS: dict[str, dict[str, Any]] = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=224, num_hidden_layers=3, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False),
-}
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "full": ("full", {}),
-    "lora": ("lora", {"lora_r": 16, "lora_alpha": 32.0}),
-    "lisa": ("lisa", {"lisa_layers": 2, "train_embeddings": True, "train_head": True}),
-    "badam": ("badam", {"badam_layers": 1}),
-    "misa1": ("misa", {"delta": 0.01}),
-    "misa3": ("misa", {"delta": 0.03}),
-}
 FILES = ("bench_8b.json", "bench_1b.json", "bench_8b_misa1_long.json", "lean_on_1024.json", "lean_off_1024.json",
          "lean_on_8192.json", "lean_off_8192.json",
          # stop 8: compile_ops, the checkpointing fix, depth_bias and the probe (docs/results.md, Targets — final)
