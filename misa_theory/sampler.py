@@ -33,28 +33,16 @@ into the budget) so that no score is trusted before it was observed.
 
 The draw (π-exact sampling under a hard budget)
 ----------------------------------------------
-Transformer modules come in very few distinct sizes (q/o, k/v and the three MLP matrices), so a draw is:
-
-1. units with π = 1 are always in;
-2. the others are split into size classes s with expected counts E_s = Σ_{b∈s} π_b = K_s + f_s;
-3. the fractional parts are rounded *dependently*, two classes at a time, along the direction that keeps
-   Σ_s n_s f_s (the budget spent) constant, choosing between the two end points with the probabilities that
-   keep E[f_s] unchanged (weighted pipage rounding).  Every class but at most one ends integral; the last
-   fractional class is rounded up only if a whole extra module of it still fits;
-4. inside each class, k_s units are picked by systematic sampling over a fresh random permutation (the
-   argsort of i.i.d. uniform keys), with the offset U drawn conditionally on the class being rounded up
-   (U < f_s) or down (U ≥ f_s).  With C_j the cumulative π along the permutation, unit j is picked iff one
-   of the points U, U+1, …, U+k_s−1 lies in [C_{j−1}, C_j), i.e. iff min(⌈C_j − U⌉⁺, k_s) > min(⌈C_{j−1} − U⌉⁺,
-   k_s); the cap k_s makes "at most k_s units" hold even under rounding.  Unconditionally U is uniform, so
-   every unit's marginal is exactly π_b.
-
-So no draw ever exceeds the budget, and marginals equal π exactly except in the one class left fractional
-at step 3 when the budget is saturated: its expected count is short by at most f < 1 module, i.e. the
-relative bias of its members is at most f/E_s ≤ 1/E_s (it falls on the smallest-size class when the rounding
-leaves it last, which is typical: classes are processed largest first).  Layer-wise rules have a single size
-class (equal layers), for which the budget is first rounded down to a whole number of layers, so they are
-exact.  The authors' sequential weighted draw (add modules by p until the budget is full) does not control
-its marginals at all; docs/sampler.md has the measured comparison with π (benchmarks/bench_marginals.py).
+Targets are water-filled row by row (:mod:`misa_theory.waterfill_rows`) under the per-size-class
+capacities described in :meth:`ModuleSampler._target_units`, and drawn by
+:class:`misa_theory.budget_draw.BudgetDraw`: units with π = 1 always in, the expected count of each size
+class rounded dependently so the budget spent stays fixed (weighted pipage rounding), then conditional
+systematic sampling inside each class over a fresh random order.  So no draw ever exceeds the budget, and
+marginals equal π exactly except in the one class the rounding may leave fractional when the budget is
+saturated (relative bias ≤ 1/E_s there).  Layer-wise rules have a single size class (equal layers), for
+which the budget is first rounded down to a whole number of layers, so they are exact.  The authors'
+sequential weighted draw (add modules by p until the budget is full) does not control its marginals at
+all; docs/sampler.md has the measured comparison with π (benchmarks/bench_marginals.py).
 """
 
 from __future__ import annotations
@@ -65,92 +53,13 @@ from typing import Any
 import numpy as np
 
 from ._validate import group_ids, nonnegative, positive
-from .optimal import waterfill
+from .budget_draw import BudgetDraw
+from .waterfill_rows import waterfill_rows
 
 RULES: tuple[str, ...] = ("misa", "optimal", "uniform", "lisa", "badam")
 LAYER_RULES: tuple[str, ...] = ("lisa", "badam")
 SCORE_RULES: tuple[str, ...] = ("misa", "optimal")
 _TOL = 1e-9
-_ACTIVE_SET_ITERS = 30
-
-
-def _waterfill_sorted(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -> np.ndarray:
-    r"""Row-wise π = min(1, μ_s r_su) with Σ_u N_u π_su = budget_s, floor 0, in closed form (R, U).
-
-    Requires rates ≥ 0 with some positive rate in every row and Σ_u N_u > budget.  With the rates of a row
-    sorted decreasingly, r_(1) ≥ r_(2) ≥ …, capping the j largest gives
-    μ_j = (budget − Σ_{i≤j} N_(i)) / Σ_{i>j} N_(i) r_(i); the solution is the first j with μ_j·r_(j+1) < 1
-    (the (j+1)-th stays uncapped; the j-th is then capped, since j−1 failed the test).  A fixed number of
-    array operations, whatever the rows.
-    """
-    R, U = rates.shape
-    order = np.argsort(-rates, axis=1, kind="stable")
-    r = np.take_along_axis(rates, order, axis=1)
-    n = sizes[order]
-    nr = n * r
-    capped = np.zeros((R, U + 1))
-    np.cumsum(n, axis=1, out=capped[:, 1:])  # Σ_{i≤j} N_(i), j = 0..U
-    tail = np.zeros((R, U + 1))
-    np.cumsum(nr[:, ::-1], axis=1, out=tail[:, 1:])
-    tail = tail[:, ::-1]  # Σ_{i>j} N_(i) r_(i), j = 0..U
-    live = tail[:, :U] > 0
-    # where no positive rate is left uncapped (tail 0), every positive unit is in: μ = ∞
-    mu = np.where(live, (budget[:, None] - capped[:, :U]) / np.where(live, tail[:, :U], 1.0), np.inf)
-    with np.errstate(invalid="ignore"):  # ∞·0 on zero rates, masked either way
-        j = np.argmax(~live | (mu * r < 1.0), axis=1)
-        return np.where(rates > 0, np.minimum(1.0, mu[np.arange(R), j][:, None] * rates), 0.0)
-
-
-def _waterfill_rows(rates: np.ndarray, sizes: np.ndarray, free: np.ndarray, budget: np.ndarray,
-                    floor: float) -> np.ndarray:
-    r"""Row-wise :func:`misa_theory.optimal.waterfill` restricted to the units marked in ``free``.
-
-    For every row s solve Σ_{u∈free_s} N_u·clip(μ_s r_su, floor, 1) = budget_s (zero-rate units stay at the
-    floor, π = 1 on positive rates when Σ_{free} N ≤ budget) and return π (R, U), 0 outside ``free``.  μ_s
-    comes from the active-set iteration (guess the capped and floored sets, solve the linear equation for
-    μ on the rest, repeat until the sets are a fixed point, which is then exact) run on all rows at once;
-    a row that has not settled after a few passes is solved by ``waterfill`` itself, which is always exact.
-    """
-    pos = free & (rates > 0)
-    pi = np.where(free, floor, 0.0)
-    spend_all = (free * sizes).sum(axis=1) <= budget
-    pi[spend_all] = np.where(pos[spend_all], 1.0, pi[spend_all])
-    rows = np.flatnonzero(~spend_all & pos.any(axis=1))
-    if rows.size == 0:
-        return pi
-    r = np.where(pos[rows], rates[rows], 0.0)
-    p = pos[rows]
-    if floor == 0.0:
-        pi[rows] = _waterfill_sorted(r, sizes, budget[rows])
-        return pi
-    nr = r * sizes
-    target = budget[rows] - floor * ((free[rows] & ~p) * sizes).sum(axis=1)
-    mu = target / nr.sum(axis=1)
-    settled = np.zeros(rows.size, dtype=bool)
-    failed = np.zeros(rows.size, dtype=bool)
-    capped = floored = None
-    for _ in range(_ACTIVE_SET_ITERS):
-        x = mu[:, None] * r
-        new_capped = p & (x >= 1.0)
-        new_floored = p & (x <= floor) if floor > 0 else np.zeros_like(p)
-        if capped is not None:
-            same = (new_capped == capped).all(axis=1) & (new_floored == floored).all(axis=1)
-            settled |= same & ~failed
-        todo = ~(settled | failed)
-        if not todo.any():
-            break
-        capped, floored = new_capped, new_floored
-        free_nr = np.where(capped | floored, 0.0, nr).sum(axis=1)
-        rest = target - (capped * sizes).sum(axis=1) - floor * (floored * sizes).sum(axis=1)
-        failed |= todo & (free_nr <= 0)
-        step = todo & ~failed
-        mu = np.where(step, rest / np.where(free_nr > 0, free_nr, 1.0), mu)
-    out = np.where(p, np.clip(mu[:, None] * r, floor, 1.0), pi[rows])
-    for i in np.flatnonzero(~settled):
-        members = np.flatnonzero(free[rows[i]])
-        out[i, members] = waterfill(rates[rows[i], members], sizes[members], float(budget[rows[i]]), floor)
-    pi[rows] = out
-    return pi
 
 
 class ModuleSampler:
@@ -243,17 +152,12 @@ class ModuleSampler:
         self.budget = int(budget)
         self._reachable = self._unit_sizes <= self.budget
         # few distinct sizes (q/o, k/v, MLP): class ids are fixed, so everything per class is computed once
-        self._class_sizes, self._class_of = np.unique(self._unit_sizes, return_inverse=True)
-        self._class_of = self._class_of.reshape(-1).astype(np.int64)
-        n_classes = self._class_sizes.size
-        self._class_onehot = np.zeros((self.n_units, n_classes))
-        self._class_onehot[np.arange(self.n_units), self._class_of] = 1.0
-        # sorting units by (class + uniform key) lays the classes out in this fixed order of blocks
-        self._class_at = np.sort(self._class_of)
-        starts = np.searchsorted(self._class_at, np.arange(n_classes))
-        self._block_prev = np.where(starts > 0, starts - 1, -1)  # last position of the previous block
-        self._pipage_order = np.argsort(-self._class_sizes, kind="stable")  # largest class first
+        self._drawer = BudgetDraw(self._unit_sizes, self.budget)
+        self._class_sizes = self._drawer.class_sizes.astype(np.float64)
+        self._class_of = self._drawer.class_of
+        self._capacity = np.floor(self.budget / self._class_sizes + _TOL)
         self._fsizes = self._unit_sizes.astype(np.float64)
+        self._inv_sizes = 1.0 / self._fsizes
         if not (np.isfinite(depth_bias) and depth_bias >= 0):
             raise ValueError(f"depth_bias must be a finite number ≥ 0, got {depth_bias!r}")
         if depth_bias > 0 and layer:
@@ -273,6 +177,8 @@ class ModuleSampler:
         self.rng = np.random.default_rng(self.seed)
         self._ema = np.zeros((S, self.n_modules))
         self._count = np.zeros((S, self.n_modules), dtype=np.int64)
+        self._scores = np.zeros((S, self.n_modules))
+        self._all_explored = False
         self._visited = np.tile(~self._reachable, (S, 1))
         self._cycle: list[np.ndarray] = [np.zeros(0, dtype=np.int64) for _ in range(S)]
         self._cycle_pos = np.zeros(S, dtype=np.int64)
@@ -284,10 +190,15 @@ class ModuleSampler:
 
     # ------------------------------------------------------------------ scores
     def _score_rows(self) -> np.ndarray:
-        out = np.zeros(self._ema.shape)
-        seen = self._count > 0
-        np.divide(self._ema, 1.0 - self.ema_beta ** self._count, out=out, where=seen)
-        return out
+        return self._scores
+
+    def _refresh_scores(self, where: np.ndarray | None = None) -> None:
+        """score = m/(1 − β^c) where c > 0 (0 elsewhere), recomputed on ``where`` (all entries if None)."""
+        seen = self._count > 0 if where is None else where
+        bias = 1.0 - np.power(self.ema_beta, self._count)
+        if where is None:
+            self._scores = np.zeros(self._ema.shape)
+        np.divide(self._ema, bias, out=self._scores, where=seen)
 
     @property
     def scores(self) -> np.ndarray:
@@ -303,9 +214,11 @@ class ModuleSampler:
         return self._squeeze(self._last)
 
     def _exploring_rows(self) -> np.ndarray:
-        if not (self.explore and self.rule in SCORE_RULES):
+        if self._all_explored or not (self.explore and self.rule in SCORE_RULES):
             return np.zeros(self._n_streams, dtype=bool)
-        return ~self._visited.all(axis=1)
+        rows = ~self._visited.all(axis=1)
+        self._all_explored = not rows.any()  # visits are never undone, so this stays true
+        return rows
 
     @property
     def exploring(self) -> bool | np.ndarray:
@@ -354,6 +267,7 @@ class ModuleSampler:
         b = self.ema_beta
         np.copyto(self._ema, b * self._ema + (1.0 - b) * values, where=mask)
         self._count += mask
+        self._refresh_scores(mask)
         if self.rule in LAYER_RULES:
             rows, cols = np.nonzero(mask)
             self._visited[rows, self._unit_of[cols]] = True
@@ -362,69 +276,79 @@ class ModuleSampler:
 
     # ------------------------------------------------------------------ targets
     def _rates_rows(self, scores: np.ndarray, free: np.ndarray) -> np.ndarray:
-        """The rule's water-filling rates over the ``free`` units of each row (scale-free: μ absorbs scale)."""
+        """The rule's water-filling rates over the ``free`` units of each row (scale-free: μ absorbs scale;
+        values off ``free`` are arbitrary, the water-filling reads only ``free``)."""
         ones = np.ones(free.shape) if self._tilt is None else np.broadcast_to(self._tilt, free.shape)
         if self.rule not in SCORE_RULES:
             return ones
-        score = np.where(free, scores, 0.0)
-        live = (score > 0).any(axis=1)
-        if self.rule == "misa":
-            # p ∝ exp(η·s/mean_free(s)); the mean is over the free units, as the scores are scale-free there
-            mean = score.sum(axis=1) / free.sum(axis=1)
-            z = self.eta * score / np.where(live, mean, 1.0)[:, None]
-            z = np.where(free, z, -np.inf)
-            rates = np.exp(z - z.max(axis=1, keepdims=True))
-            rates /= rates.sum(axis=1, keepdims=True)
-        else:
-            rates = np.sqrt(score / self._fsizes)
+        score = scores * free
+        top = score.max(axis=1)
+        live = top > 0
+        with np.errstate(divide="ignore", invalid="ignore"):  # rows without a positive score take ``ones``
+            if self.rule == "misa":
+                # p ∝ exp(η·s/mean_free(s)), the mean over the free units as the scores are scale-free there;
+                # shifted by the largest logit (overflow) and left unnormalised (μ absorbs the scale)
+                coef = self.eta * free.sum(axis=1) / score.sum(axis=1)
+                score -= top[:, None]
+                score *= coef[:, None]
+                rates = np.exp(score, out=score)
+            else:
+                rates = np.sqrt(score * self._inv_sizes, out=score)
         if self._tilt is not None:  # scale-free rates: multiplying is adding log-tilt to the logit
-            rates = rates * self._tilt
-        return np.where(live[:, None], rates, ones)
+            rates *= self._tilt
+        return rates if live.all() else np.where(live[:, None], rates, ones)
 
-    def _target_units(self, rows: np.ndarray) -> np.ndarray:
-        """π per unit (len(rows), U) for the current scores of ``rows`` (0 for units larger than the budget).
+    def _target_units(self, rows: np.ndarray | None) -> np.ndarray:
+        """π per unit (R, U) for the current scores of ``rows`` (all streams if None; 0 for units larger than
+        the budget).
 
         A size class can never hold more than ⌊budget/n_s⌋ units at once, so a class whose expected count
         E_s exceeds that capacity is scaled down to it (π ∝ the rule's π inside the class, which is the KKT
         solution with the extra constraint Σ_{b∈s} π_b ≤ cap_s for the optimal rule) and the rest of the
         budget is re-spread over the other classes by the same rule; each row does this independently.
+        Every pass fixes at least one class, so there are at most (number of classes) + 1 passes, each a
+        fixed number of whole-array operations over all rows (rows already settled take no free units).
         """
-        R = rows.size
-        scores = self._score_rows()[rows] if self.rule in SCORE_RULES else None  # score rules are module-wise
-        pi = np.zeros((R, self.n_units))
+        scores = None
+        if self.rule in SCORE_RULES:  # score rules are module-wise: units are modules
+            scores = self._scores if rows is None else self._scores[rows]
+        R = self._n_streams if rows is None else rows.size
         free = np.tile(self._reachable, (R, 1))
         budget = np.full(R, float(self.budget))
-        cls_sizes = self._class_sizes.astype(np.float64)
-        going = np.arange(R)
-        while going.size:
-            fr = free[going]
-            rates = self._rates_rows(scores[going] if scores is not None else None, fr)
-            p = _waterfill_rows(rates, self._fsizes, fr, budget[going], self.min_inclusion)
-            pi[going] = np.where(fr, p, pi[going])
-            expected = p @ self._class_onehot
-            capacity = np.floor(budget[going, None] / cls_sizes + _TOL)
+        capacity = np.broadcast_to(self._capacity, (R, self._capacity.size))
+        going = np.ones(R, dtype=bool)
+        pi = None
+        while True:
+            work = free if going.all() else free & going[:, None]
+            rates = self._rates_rows(scores, work)
+            p = waterfill_rows(rates, self._fsizes, work, budget, self.min_inclusion)
+            pi = p if pi is None else np.where(work, p, pi)
+            expected = self._drawer.expected(p)  # 0 on classes fixed earlier and on settled rows
             over = expected > capacity + 1e-9
             hit = over.any(axis=1)
-            going, over, expected, capacity = going[hit], over[hit], expected[hit], capacity[hit]
-            if not going.size:
-                break
+            if not hit.any():
+                return pi
+            # classes over capacity: scale to capacity, take them and their budget out, re-spread the rest
             scale = np.where(over, capacity / np.where(over, expected, 1.0), 1.0)
-            pi[going] *= scale[:, self._class_of]  # scale is 1 on units fixed earlier: their class is not over
-            budget[going] -= (capacity * cls_sizes * over).sum(axis=1)
-            free[going] &= ~over[:, self._class_of]
-            fr = free[going]
-            smallest = np.where(fr, self._fsizes, np.inf).min(axis=1)
-            stuck = fr.any(axis=1) & (budget[going] < smallest)
-            pi[going[stuck]] = np.where(fr[stuck], 0.0, pi[going[stuck]])
-            going = going[fr.any(axis=1) & ~stuck]
-        return pi
+            pi *= scale[:, self._class_of]  # scale is 1 on units fixed earlier: their class is not over
+            budget -= (capacity * self._class_sizes * over).sum(axis=1)
+            free &= ~over[:, self._class_of]
+            left = free.any(axis=1)
+            smallest = np.where(free, self._fsizes, np.inf).min(axis=1)
+            stuck = hit & left & (budget < smallest)
+            if stuck.any():
+                pi = np.where(stuck[:, None] & free, 0.0, pi)
+            going = hit & left & ~stuck
+            if not going.any():
+                return pi
+            capacity = np.floor(budget[:, None] / self._class_sizes + _TOL)
 
     def _target_rows(self) -> np.ndarray:
         if self.rule == "badam":
             per_pass = self._cycle_width()
             pi = np.where(self._reachable, per_pass / self._reachable.sum(), 0.0)
             return np.tile(pi[self._unit_of], (self._n_streams, 1))
-        return self._target_units(np.arange(self._n_streams))[:, self._unit_of]
+        return self._target_units(None)[:, self._unit_of]
 
     def target_inclusion(self) -> np.ndarray:
         """π_b per module that the next (non-exploration) draw aims for; Σ_b π_b n_b ≤ budget.
@@ -440,25 +364,31 @@ class ModuleSampler:
         Single stream: sorted int64 module indices.  With ``streams=S``: a boolean mask of shape (S, B).
         """
         S = self._n_streams
-        units = np.zeros((S, self.n_units), dtype=bool)
         if self.rule == "badam":
+            units = np.zeros((S, self.n_units), dtype=bool)
             for s in range(S):
                 units[s, self._draw_cycle(s)] = True
             self._last = self._target_rows()
         else:
             exploring = self._exploring_rows()
-            rows = np.flatnonzero(~exploring)
-            if rows.size:
-                pi = self._target_units(rows)
-                units[rows] = self._draw_pi(pi)
-                self._last[rows] = pi[:, self._unit_of]
-            for s in np.flatnonzero(exploring):
-                units[s, self._draw_explore(s)] = True
+            if not exploring.any():  # every stream draws from its target: no row bookkeeping
+                pi = self._target_units(None)
+                units = self._drawer(pi, self.rng)
+                self._last = pi[:, self._unit_of] if self.rule in LAYER_RULES else pi
+            else:
+                units = np.zeros((S, self.n_units), dtype=bool)
+                rows = np.flatnonzero(~exploring)
+                if rows.size:
+                    pi = self._target_units(rows)
+                    units[rows] = self._drawer(pi, self.rng)
+                    self._last[rows] = pi[:, self._unit_of]
+                for s in np.flatnonzero(exploring):
+                    units[s, self._draw_explore(s)] = True
         self._visited |= units
         self.n_draws += 1
-        modules = units[:, self._unit_of]
-        if np.any(modules @ self.sizes > self.budget):  # the construction guarantees this; keep memory safe anyway
+        if np.any(units @ self._unit_sizes > self.budget):  # guaranteed by construction; keep memory safe anyway
             raise AssertionError("ModuleSampler drew over budget; please report this as a bug")
+        modules = units[:, self._unit_of] if self.rule in LAYER_RULES else units
         return np.flatnonzero(modules[0]).astype(np.int64) if self.streams is None else modules
 
     def _pack(self, candidates: np.ndarray) -> np.ndarray:
@@ -505,87 +435,6 @@ class ModuleSampler:
             self._cycle_pos[s] += 1
         return np.asarray(chosen, dtype=np.int64)
 
-    def _draw_pi(self, pi: np.ndarray) -> np.ndarray:
-        """π-exact draws under the hard budget, one per row of ``pi`` (R, U): a boolean unit mask (R, U).
-
-        Forced units, weighted pipage rounding of the class counts, then conditional systematic sampling of
-        every class of every row at once (see the module docstring).
-        """
-        R = pi.shape[0]
-        forced = pi >= 1.0 - _TOL
-        p = np.where((pi > _TOL) & ~forced, pi, 0.0)
-        left = self.budget - forced @ self._unit_sizes
-        expected = p @ self._class_onehot
-        whole = np.floor(expected + _TOL)
-        frac = np.clip(expected - whole, 0.0, 1.0)
-        frac[frac < _TOL] = 0.0
-        # every variate is drawn up front in fixed shapes, so the stream consumed depends only on R
-        n_cls = self._class_sizes.size
-        u_pipage, u_last = self.rng.random((R, n_cls)), self.rng.random(R)
-        keys, u_sys = self.rng.random((R, self.n_units)), self.rng.random((R, n_cls))
-
-        up, last, leftover = self._round_classes(frac, u_pipage)
-        counts = whole.astype(np.int64) + up
-        rows = np.flatnonzero(last >= 0)
-        if rows.size:
-            # the one class left fractional goes up only if a whole extra unit of it fits (else: documented bias)
-            c = last[rows]
-            spent = (counts[rows] * self._class_sizes).sum(axis=1) + self._class_sizes[c]
-            lift = (spent <= left[rows]) & (u_last[rows] < leftover[rows])
-            up[rows, c] = lift
-            counts[rows, c] += lift
-
-        u = np.where(frac <= 0.0, u_sys, np.where(up > 0, u_sys * frac, frac + u_sys * (1.0 - frac)))
-        perm = np.argsort(self._class_of + keys, axis=1)  # classes in fixed blocks, shuffled inside each
-        cum = np.cumsum(np.take_along_axis(p, perm, axis=1), axis=1)
-        before = np.concatenate((np.zeros((R, 1)), cum[:, :-1]), axis=1)
-        base = np.where(self._block_prev >= 0, cum[:, np.maximum(self._block_prev, 0)], 0.0)[:, self._class_at]
-        off, cap = u[:, self._class_at] + base, counts[:, self._class_at]
-        hits_to = np.clip(np.ceil(cum - off), 0, cap)
-        hits_before = np.clip(np.ceil(before - off), 0, cap)
-        chosen = np.zeros((R, self.n_units), dtype=bool)
-        np.put_along_axis(chosen, perm, hits_to > hits_before, axis=1)
-        return chosen | forced
-
-    def _round_classes(self, frac: np.ndarray, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Weighted pipage rounding of class fractions f_s ∈ [0, 1) with weights n_s, on every row at once.
-
-        Each step moves the first two fractional classes (largest size first) along the direction that keeps
-        Σ n_s f_s fixed, to one of the two end points, with the probabilities that keep E[f_s] fixed; every
-        step makes at least one of them integral, so C − 1 steps leave at most one class fractional.
-        ``uniforms`` (R, C) supplies one U(0,1) per row and step.  Returns (0/1 per row and class, index of the
-        class left fractional or −1 per row, its remaining fraction or 0), for the caller to round if it fits.
-        """
-        order = self._pipage_order
-        f = frac[:, order].copy()
-        ratio_of = self._class_sizes[order].astype(np.float64)
-        for step in range(order.size - 1):
-            live = (f > 0.0) & (f < 1.0)
-            rows = np.flatnonzero(live.sum(axis=1) >= 2)
-            if rows.size == 0:
-                break
-            lv = live[rows]
-            i = np.argmax(lv, axis=1)
-            lv[np.arange(rows.size), i] = False
-            j = np.argmax(lv, axis=1)
-            fi, fj = f[rows, i], f[rows, j]
-            ratio = ratio_of[i] / ratio_of[j]
-            up_i = np.minimum(1.0 - fi, fj / ratio)  # raise i, lower j
-            down_i = np.minimum(fi, (1.0 - fj) / ratio)  # lower i, raise j
-            raise_i = uniforms[rows, step] * (up_i + down_i) < down_i
-            fi_new = np.where(raise_i, fi + up_i, fi - down_i)
-            fj_new = np.where(raise_i, fj - up_i * ratio, fj + down_i * ratio)
-            for col, val in ((i, fi_new), (j, fj_new)):
-                f[rows, col] = np.where(val < _TOL, 0.0, np.where(val > 1.0 - _TOL, 1.0, val))
-        live = (f > 0.0) & (f < 1.0)
-        has = live.any(axis=1)
-        first = np.argmax(live, axis=1)
-        up = np.zeros(frac.shape, dtype=np.int64)
-        up[:, order] = f >= 1.0
-        last = np.where(has, order[first], -1)
-        leftover = np.where(has, f[np.arange(f.shape[0]), first], 0.0)
-        return up, last, leftover
-
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue identically, as JSON-serialisable Python values (RNG included).
@@ -619,7 +468,9 @@ class ModuleSampler:
         S = self._n_streams
         self._ema = np.asarray(state["ema"], dtype=np.float64).reshape(S, self.n_modules)
         self._count = np.asarray(state["count"], dtype=np.int64).reshape(S, self.n_modules)
+        self._refresh_scores()
         self._visited = np.asarray(state["visited"], dtype=bool).reshape(S, self.n_units)
+        self._all_explored = False
         cycles = [state["cycle"]] if self.streams is None else state["cycle"]
         self._cycle = [np.asarray(c, dtype=np.int64) for c in cycles]
         self._cycle_pos = np.asarray(state["cycle_pos"], dtype=np.int64).reshape(S)

@@ -197,7 +197,7 @@ def test_simulator_draws_all_seeds_in_one_call(monkeypatch) -> None:
 def test_closed_form_waterfill_rows_equal_the_reference_waterfill(seed, R, U, coarse):
     """The sorted closed form used at floor 0 solves the same problem as ``optimal.waterfill``, row by row."""
     from misa_theory.optimal import waterfill
-    from misa_theory.sampler import _waterfill_rows
+    from misa_theory.waterfill_rows import waterfill_rows as _waterfill_rows
 
     rng = np.random.default_rng(seed)
     sizes = rng.integers(1, 50, U).astype(float)

@@ -1,0 +1,171 @@
+r"""π-exact draws of units under a hard parameter budget, for many independent rows (streams) at once.
+
+Given inclusion probabilities π (R, U) with Σ_u n_u π_su ≤ budget per row, :class:`BudgetDraw` returns a
+boolean mask (R, U) whose chosen sizes never exceed the budget and whose marginals are π.  Transformer
+modules come in very few distinct sizes (q/o, k/v and the three MLP matrices), so a draw is:
+
+1. units with π = 1 are always in;
+2. the others are split into size classes s with expected counts E_s = Σ_{u∈s} π_u = K_s + f_s;
+3. the fractional parts are rounded *dependently*, two classes at a time, along the direction that keeps
+   Σ_s n_s f_s (the budget spent) constant, choosing between the two end points with the probabilities that
+   keep E[f_s] unchanged (weighted pipage rounding).  Classes are visited largest size first; the class
+   still fractional is paired with the next fractional one, so every class but at most one ends integral;
+   the last fractional class is rounded up only if a whole extra unit of it still fits;
+4. inside each class, k_s units are picked by systematic sampling over a fresh uniformly random order, with
+   the offset V drawn conditionally on the class being rounded up (V < f_s) or down (V ≥ f_s).  With C_j the
+   cumulative π along the order, unit j is picked iff one of V, V+1, …, V+k_s−1 lies in [C_{j−1}, C_j), i.e.
+   iff min(⌈C_j − V⌉⁺, k_s) > min(⌈C_{j−1} − V⌉⁺, k_s); the cap k_s makes "at most k_s units" hold even
+   under rounding.  Unconditionally V is uniform, so every unit's marginal is exactly π_u.
+
+So no draw exceeds the budget, and marginals equal π exactly except in the one class left fractional at
+step 3 when the budget is saturated: its expected count is short by at most f < 1 unit, a relative bias of
+at most f/E_s ≤ 1/E_s for its members (docs/sampler.md has the measured marginals).
+
+The random order of step 4 is one integer sort per row: each unit's key holds its class id in the top bits
+(so classes stay in fixed blocks), ≥ 32 random bits below, and its own index in the lowest bits, which the
+sort carries along instead of a separate argsort.  Two units of a class tie only if their random bits agree
+(probability ≤ U²·2⁻³³ per draw, then ordered by index), which moves no marginal: V alone makes each
+marginal exact for any fixed order.  Every row uses fixed-shape variates, so the generator state after a
+draw depends only on the number of rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["BudgetDraw"]
+
+_TOL = 1e-9
+_MIN_RANDOM_BITS = 32
+
+
+class BudgetDraw:
+    """The draw of the module docstring for units of fixed sizes and a fixed budget.
+
+    Args:
+        sizes: n_u > 0 parameters per unit, integers, shape (U,).
+        budget: parameters a draw may hold.
+    """
+
+    def __init__(self, sizes: np.ndarray, budget: int) -> None:
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.budget = int(budget)
+        U = self.sizes.size
+        self.class_sizes, class_of = np.unique(self.sizes, return_inverse=True)
+        self.class_of = class_of.reshape(-1).astype(np.int64)
+        C = self.class_sizes.size
+        self.onehot = np.zeros((U, C))
+        self.onehot[np.arange(U), self.class_of] = 1.0
+        self._pipage_order = np.argsort(-self.class_sizes, kind="stable")  # largest class first
+        self._n_sorted = self.class_sizes[self._pipage_order].astype(np.float64)
+        # the random order lays the classes out as fixed blocks (class 0 first); per position: its class and
+        # the position its block starts at (an index into the cumulative sums, which carry a leading 0)
+        self._class_at = np.sort(self.class_of)
+        self._start_at = np.searchsorted(self._class_at, self._class_at, side="left")
+        idx_bits = max(1, (U - 1).bit_length())
+        cls_bits = max(1, (C - 1).bit_length())
+        rand_bits = 64 - idx_bits - cls_bits
+        self._int_keys = rand_bits >= _MIN_RANDOM_BITS
+        if self._int_keys:
+            self._idx_mask = np.uint64((1 << idx_bits) - 1)
+            self._clear_low = np.uint64(~((1 << idx_bits) - 1) & 0xFFFFFFFFFFFFFFFF)
+            self._cls_shift = np.uint64(cls_bits)
+            self._template = (self.class_of.astype(np.uint64) << np.uint64(64 - cls_bits)) | np.arange(
+                U, dtype=np.uint64)
+
+    def expected(self, pi: np.ndarray) -> np.ndarray:
+        """E_s = Σ_{u∈s} π_u per row and size class, shape (R, C)."""
+        return pi @ self.onehot
+
+    def _order(self, rng: np.random.Generator, R: int) -> np.ndarray:
+        """(R, U) unit indices: class blocks in class order, uniformly shuffled inside each block."""
+        U = self.sizes.size
+        if self._int_keys:
+            raw = rng.bit_generator.random_raw((R, U))
+            raw >>= self._cls_shift  # room for the class id on top
+            raw &= self._clear_low  # room for the index below
+            raw |= self._template
+            raw.sort(axis=1)
+            raw &= self._idx_mask
+            return raw.astype(np.intp)
+        return np.argsort(self.class_of + rng.random((R, U)), axis=1)
+
+    def __call__(self, pi: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One draw per row of ``pi`` (R, U): a boolean mask (R, U) with Σ_u n_u mask_su ≤ budget."""
+        R, U = pi.shape
+        C = self.class_sizes.size
+        forced = pi >= 1.0 - _TOL
+        p = np.where((pi > _TOL) & ~forced, pi, 0.0)
+        left = self.budget - forced @ self.sizes
+        expected = p @ self.onehot
+        whole = np.floor(expected + _TOL)
+        frac = expected - whole
+        np.clip(frac, 0.0, 1.0, out=frac)
+        frac[frac < _TOL] = 0.0
+        # fixed shapes: pipage steps (C−1, padded to C), the lift of the last class, the C systematic offsets
+        u = rng.random((R, 2 * C + 1))
+        up, last, leftover = self._round_classes(frac, u[:, :C])
+        counts = whole.astype(np.int64) + up
+        has = last >= 0
+        if has.any():
+            # the one class left fractional goes up only if a whole extra unit of it fits (else: documented bias)
+            rows = np.arange(R)
+            c = np.maximum(last, 0)
+            spent = counts @ self.class_sizes + self.class_sizes[c]
+            lift = has & (spent <= left) & (u[:, C] < leftover)
+            up[rows, c] |= lift
+            counts[rows, c] += lift
+        v = u[:, C + 1:]
+        v = np.where(frac <= 0.0, v, np.where(up > 0, v * frac, frac + v * (1.0 - frac)))
+
+        order = self._order(rng, R)
+        flat = order + (np.arange(R) * U)[:, None]
+        cum = np.zeros((R, U + 1))
+        np.cumsum(p.take(flat), axis=1, out=cum[:, 1:])
+        off = v[:, self._class_at]
+        off += cum[:, self._start_at]  # systematic points V + i counted from the start of the class block
+        cap = counts[:, self._class_at]
+        hits_to = np.ceil(cum[:, 1:] - off)
+        np.clip(hits_to, 0, cap, out=hits_to)
+        hits_before = np.ceil(cum[:, :-1] - off)
+        np.clip(hits_before, 0, cap, out=hits_before)
+        chosen = np.empty((R, U), dtype=bool)
+        chosen.reshape(-1)[flat.reshape(-1)] = (hits_to > hits_before).reshape(-1)
+        chosen |= forced
+        return chosen
+
+    def _round_classes(self, frac: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Weighted pipage rounding of class fractions f_s ∈ [0, 1) with weights n_s, on every row at once.
+
+        Classes are visited largest first; ``carry`` is the one visited class that may still be fractional.
+        Pairing it with the next fractional class s moves both along the direction that keeps
+        n_carry f_carry + n_s f_s fixed, to the end point where one of them is integral, choosing
+        ("raise carry" with probability down/(up + down)) so that E[f] is unchanged; u[:, s−1] is that step's
+        U(0, 1).  Returns (0/1 per row and class, the class left fractional or −1, its remaining fraction).
+        """
+        R, C = frac.shape
+        order = self._pipage_order
+        f = frac[:, order]
+        n = self._n_sorted
+        rows = np.arange(R)
+        carry = np.zeros(R, dtype=np.int64)
+        for s in range(1, C):
+            fc, fs = f[rows, carry], f[:, s]
+            both = (fc > 0.0) & (fc < 1.0) & (fs > 0.0) & (fs < 1.0)
+            if both.any():
+                ratio = n[carry] / n[s]
+                up = np.minimum(1.0 - fc, fs / ratio)  # raise the carry, lower s
+                down = np.minimum(fc, (1.0 - fs) / ratio)  # lower the carry, raise s
+                raise_c = u[:, s - 1] * (up + down) < down
+                fc = np.where(both, np.where(raise_c, fc + up, fc - down), fc)
+                fs = np.where(both, np.where(raise_c, fs - up * ratio, fs + down * ratio), fs)
+                fc = np.where(fc < _TOL, 0.0, np.where(fc > 1.0 - _TOL, 1.0, fc))
+                fs = np.where(fs < _TOL, 0.0, np.where(fs > 1.0 - _TOL, 1.0, fs))
+                f[rows, carry] = fc
+                f[:, s] = fs
+            carry = np.where((fc > 0.0) & (fc < 1.0), carry, s)
+        fc = f[rows, carry]
+        has = (fc > 0.0) & (fc < 1.0)
+        up = np.zeros((R, C), dtype=np.int64)
+        up[:, order] = f >= 1.0
+        return up, np.where(has, order[carry], -1), np.where(has, fc, 0.0)

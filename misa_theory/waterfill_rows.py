@@ -1,0 +1,142 @@
+r"""Row-wise water-filling: many budgeted inclusion problems at once, one per row (the sampler's streams).
+
+For every row s of ``rates`` (R, U) solve
+
+    Σ_u N_u·clip(μ_s r_su, floor, 1) = budget_s  over the units u in ``free``,  π_su = clip(μ_s r_su, floor, 1),
+
+which is :func:`misa_theory.optimal.waterfill` applied to each row (zero-rate units stay at the floor, π = 1 on
+every positive rate when the free units fit the budget whole).  The sampler solves this on every draw for
+S streams × U units of a few dozen to a few hundred entries, where numpy's per-call overhead, not arithmetic,
+is the cost; so each path below is a fixed, small number of whole-array operations:
+
+* floor 0 (the paper's rules): the *capped-set iteration* μ_{i+1} = (budget − Σ_{u∈C_i} N_u)/Σ_{u∉C_i} N_u r_u
+  with C_i = {u: μ_i r_u ≥ 1}, from C_0 = ∅.  It is Newton's method on the concave, piecewise-linear
+  h(μ) = Σ_u N_u min(1, μ r_u) started left of the root, so C_i only grows and a fixed point is exact; in the
+  common case nothing is capped and the first μ is the answer.  Rows still moving after a few passes are
+  finished by the sorted closed form :func:`waterfill_sorted`;
+* floor > 0: the active-set iteration over (capped, floored) sets, each row finished by ``waterfill`` if it
+  does not settle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .optimal import waterfill
+
+__all__ = ["waterfill_rows", "waterfill_sorted"]
+
+_CAPPED_SET_PASSES = 4
+_ACTIVE_SET_ITERS = 30
+
+
+def waterfill_sorted(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    r"""Row-wise π = min(1, μ_s r_su) with Σ_u N_u π_su = budget_s, floor 0, in closed form (R, U).
+
+    Requires rates ≥ 0 with some positive rate in every row and Σ_u N_u > budget.  With the rates of a row
+    sorted decreasingly, r_(1) ≥ r_(2) ≥ …, capping the j largest gives
+    μ_j = (budget − Σ_{i≤j} N_(i)) / Σ_{i>j} N_(i) r_(i); the solution is the first j with μ_j·r_(j+1) < 1
+    (the (j+1)-th stays uncapped; the j-th is then capped, since j−1 failed the test).  A fixed number of
+    array operations, whatever the rows.
+    """
+    R, U = rates.shape
+    order = np.argsort(-rates, axis=1, kind="stable")
+    r = np.take_along_axis(rates, order, axis=1)
+    n = sizes[order]
+    nr = n * r
+    capped = np.zeros((R, U + 1))
+    np.cumsum(n, axis=1, out=capped[:, 1:])  # Σ_{i≤j} N_(i), j = 0..U
+    tail = np.zeros((R, U + 1))
+    np.cumsum(nr[:, ::-1], axis=1, out=tail[:, 1:])
+    tail = tail[:, ::-1]  # Σ_{i>j} N_(i) r_(i), j = 0..U
+    live = tail[:, :U] > 0
+    # where no positive rate is left uncapped (tail 0), every positive unit is in: μ = ∞
+    mu = np.where(live, (budget[:, None] - capped[:, :U]) / np.where(live, tail[:, :U], 1.0), np.inf)
+    with np.errstate(invalid="ignore"):  # ∞·0 on zero rates, masked either way
+        j = np.argmax(~live | (mu * r < 1.0), axis=1)
+        return np.where(rates > 0, np.minimum(1.0, mu[np.arange(R), j][:, None] * rates), 0.0)
+
+
+def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    """Floor-0 rows with zero rates off the free units and Σ_{r>0} N > budget: the capped-set iteration of
+    the module docstring on all rows at once, rows left moving finished by :func:`waterfill_sorted`."""
+    nr = rates * sizes
+    mu = budget / nr.sum(axis=1)
+    x = mu[:, None] * rates
+    capped = x >= 1.0
+    if not capped.any():  # the common case: μ = budget/Σ N r already caps nothing
+        return x
+    count = capped.sum(axis=1)
+    for _ in range(_CAPPED_SET_PASSES):
+        mu = (budget - capped @ sizes) / np.where(capped, 0.0, nr).sum(axis=1)
+        x = mu[:, None] * rates
+        capped = x >= 1.0
+        new = capped.sum(axis=1)
+        moving = new != count  # C only grows, so an unchanged size is an unchanged set: μ is exact
+        if not moving.any():
+            return np.minimum(x, 1.0)
+        count = new
+    x = np.minimum(x, 1.0)
+    rows = np.flatnonzero(moving)
+    x[rows] = waterfill_sorted(rates[rows], sizes, budget[rows])
+    return x
+
+
+def waterfill_rows(rates: np.ndarray, sizes: np.ndarray, free: np.ndarray, budget: np.ndarray,
+                   floor: float) -> np.ndarray:
+    r"""π (R, U) of the module docstring's problem for every row; 0 outside ``free``.
+
+    Args:
+        rates: r_su ≥ 0, shape (R, U) (read only on ``free``).
+        sizes: N_u > 0, shape (U,), float.
+        free: bool (R, U), the units each row may spend on.
+        budget: (R,) parameters per row.
+        floor: lower bound on π of free units, in [0, 1].
+    """
+    pos = free & (rates > 0)
+    if floor == 0.0:
+        # rows whose positive rates fit whole take them all (π = 1 there, 0 elsewhere); the rest water-fill
+        spend = (pos @ sizes) <= budget
+        if not spend.any():  # the sampler's case after exploration: one fused path, no row bookkeeping
+            return _capped_set(np.where(pos, rates, 0.0), sizes, budget)
+        pi = pos.astype(np.float64)
+        rows = np.flatnonzero(~spend)
+        if rows.size:
+            pi[rows] = _capped_set(np.where(pos[rows], rates[rows], 0.0), sizes, budget[rows])
+        return pi
+    pi = np.where(free, floor, 0.0)
+    spend_all = (free @ sizes) <= budget
+    pi[spend_all] = np.where(pos[spend_all], 1.0, pi[spend_all])
+    rows = np.flatnonzero(~spend_all & pos.any(axis=1))
+    if rows.size == 0:
+        return pi
+    r = np.where(pos[rows], rates[rows], 0.0)
+    p = pos[rows]
+    nr = r * sizes
+    target = budget[rows] - floor * ((free[rows] & ~p) * sizes).sum(axis=1)
+    mu = target / nr.sum(axis=1)
+    settled = np.zeros(rows.size, dtype=bool)
+    failed = np.zeros(rows.size, dtype=bool)
+    capped = floored = None
+    for _ in range(_ACTIVE_SET_ITERS):
+        x = mu[:, None] * r
+        new_capped = p & (x >= 1.0)
+        new_floored = p & (x <= floor)
+        if capped is not None:
+            same = (new_capped == capped).all(axis=1) & (new_floored == floored).all(axis=1)
+            settled |= same & ~failed
+        todo = ~(settled | failed)
+        if not todo.any():
+            break
+        capped, floored = new_capped, new_floored
+        free_nr = np.where(capped | floored, 0.0, nr).sum(axis=1)
+        rest = target - (capped * sizes).sum(axis=1) - floor * (floored * sizes).sum(axis=1)
+        failed |= todo & (free_nr <= 0)
+        step = todo & ~failed
+        mu = np.where(step, rest / np.where(free_nr > 0, free_nr, 1.0), mu)
+    out = np.where(p, np.clip(mu[:, None] * r, floor, 1.0), pi[rows])
+    for i in np.flatnonzero(~settled):
+        members = np.flatnonzero(free[rows[i]])
+        out[i, members] = waterfill(rates[rows[i], members], sizes[members], float(budget[rows[i]]), floor)
+    pi[rows] = out
+    return pi
