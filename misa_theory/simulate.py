@@ -27,8 +27,9 @@ gradient evaluations per block update (the sampled rules touch only ⌊δN⌋ pa
 Vectorisation: all seeds advance together as arrays of shape (S, n), and one
 :class:`~misa_theory.sampler.ModuleSampler` with ``streams=S`` (seeded ``seed·1000``) draws the active sets
 of all seeds in one call per block update (a mask (S, M)) and takes all their observations in one call.  The
-active coordinates of all seeds are gathered into one flat index per period (a ``repeat`` of run starts, no
-per-module loop), so the Adam arithmetic and the noise cost O(S·δ·n) per step in preallocated buffers.
+active coordinates of all seeds are gathered into one flat index per period (pairs in (module, seed) order, a
+``repeat`` of run starts, no per-module loop), so the Adam arithmetic and the noise cost O(S·δ·n) per step in
+preallocated buffers; each step's noise variates are drawn in that coordinate order.
 Gradients come from :func:`~misa_theory.oracle.make_oracle`: dense (O(S·n) per step) for any problem, and
 for ``robust`` at δ ≤ 0.1 an exact incremental oracle that recomputes only the modules that moved.  The
 oracle changes nothing but rounding (≈1e-15 relative), which the sampler's discrete draws can amplify into a
@@ -143,12 +144,12 @@ class _Layout:
 
     def gather(self, mask: np.ndarray) -> Active:
         """For an active mask (S, M), the :class:`~misa_theory.oracle.Active` coordinates: flat index into (S·n),
-        seed and module id of each selected module, start of each selected module's run in the flat index.
+        seed and module id of each selected (seed, module) pair, start of each pair's run in the flat index.
 
-        Selected modules are in (seed, module) order; module b of seed s covers s·n + offsets[b] + [0, n_b),
-        so the index is one ``repeat`` of the run starts plus a ramp, with no per-module Python work.
+        Pairs are in (module, seed) order; module b of seed s covers s·n + offsets[b] + [0, n_b), so the index
+        is one ``repeat`` of the run starts plus a ramp, with no per-module Python work.
         """
-        sel_seed, sel_mod = np.nonzero(mask)
+        sel_mod, sel_seed = np.nonzero(mask.T)
         lens = self.sizes[sel_mod]
         ends = np.cumsum(lens)
         starts = ends - lens
@@ -186,7 +187,7 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
     rng = np.random.default_rng([seed, ALL_RULES.index(rule)])
     full = rule in BASELINES
     oracle = make_oracle(problem, problem.x0(S), active_fraction=1.0 if full else cfg.delta)
-    noise_std = np.tile(problem.noise_std, S)
+    noise_scale = np.tile(cfg.sigma * problem.noise_std, S) if cfg.sigma > 0 else None  # σ·noise_std per flat index
     layout = _Layout(problem, S)
     b1, b2, eps, T = cfg.beta1, cfg.beta2, cfg.eps, cfg.T
 
@@ -228,18 +229,18 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
         size = act.size
         g, m, v, tmp, z = buf_g[:size], buf_m[:size], buf_v[:size], buf_t[:size], buf_z[:size]
 
+        fresh = True  # m = v = 0 and c = 0 on every active coordinate
         if keep and size:
             stay = np.repeat(prev[sel_seed, sel_mod], problem.sizes[sel_mod])
             np.copyto(m, np.where(stay, m_full[act], 0.0))
             np.copyto(v, np.where(stay, v_full[act], 0.0))
             c1 = np.where(stay, c1_full[act], 1.0)
             c2 = np.where(stay, c2_full[act], 1.0)
+            fresh = False
         else:
-            m.fill(0.0)
-            v.fill(0.0)
             c1, c2 = 1.0, 1.0
-        sq_acc = np.zeros(sel_mod.size)
-        noise = cfg.sigma * noise_std[act] if cfg.sigma > 0 and size else None
+        noise = noise_scale[act] if noise_scale is not None and size else None
+        sq_acc = None
 
         for t in range(T):
             if t == 0:
@@ -252,18 +253,30 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
                 z *= noise
                 g += z
             np.multiply(g, g, out=z)  # g², reused by the norms and by v
-            sq_acc += np.add.reduceat(z, starts)
+            sq = np.add.reduceat(z, starts)
+            if sq_acc is None:
+                sq_acc = sq
+            else:
+                sq_acc += sq
             if rule == "sgd":
                 g *= step
                 oracle.step(active, g)
                 continue
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            z *= 1.0 - b2
-            v += z
-            c1 = c1 * b1
-            c2 = c2 * b2
+            if fresh and t == 0:
+                # β·0 + (1 − β)·x is exactly (1 − β)·x and β·1 is β: the general update below, without the
+                # zero fill and the two passes that multiply and add zeros
+                np.multiply(g, 1.0 - b1, out=m)
+                np.multiply(z, 1.0 - b2, out=v)
+                c1, c2 = b1, b2
+            else:
+                m *= b1
+                np.multiply(g, 1.0 - b1, out=tmp)
+                m += tmp
+                v *= b2
+                z *= 1.0 - b2
+                v += z
+                c1 = c1 * b1
+                c2 = c2 * b2
             _adam_direction(m, v, c1, c2, eps, tmp)
             tmp *= step
             oracle.step(active, tmp)
@@ -278,7 +291,7 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
                 c1_full[act], c2_full[act] = c1, c2
                 prev[:] = mask
         if not full and sel_mod.size:
-            obs[sel_seed, sel_mod] = sq_acc / T
+            obs[sel_seed, sel_mod] = sq_acc if T == 1 else sq_acc / T
             sampler.observe(mask, obs)
         if progress is not None:
             progress(1)
