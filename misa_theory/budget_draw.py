@@ -58,10 +58,14 @@ class BudgetDraw:
         self.onehot[np.arange(U), self.class_of] = 1.0
         self._pipage_order = np.argsort(-self.class_sizes, kind="stable")  # largest class first
         self._n_sorted = self.class_sizes[self._pipage_order].astype(np.float64)
+        self._fsizes = self.sizes.astype(np.float64)
+        self._fclass_sizes = self.class_sizes.astype(np.float64)
+        self._offsets = np.zeros((0, 1), dtype=np.intp)
         # the random order lays the classes out as fixed blocks (class 0 first); per position: its class and
         # the position its block starts at (an index into the cumulative sums, which carry a leading 0)
         self._class_at = np.sort(self.class_of)
         self._start_at = np.searchsorted(self._class_at, self._class_at, side="left")
+        self._block_starts = np.unique(self._start_at)
         idx_bits = max(1, (U - 1).bit_length())
         cls_bits = max(1, (C - 1).bit_length())
         rand_bits = 64 - idx_bits - cls_bits
@@ -87,7 +91,7 @@ class BudgetDraw:
             raw |= self._template
             raw.sort(axis=1)
             raw &= self._idx_mask
-            return raw.astype(np.intp)
+            return raw.view(np.int64)  # < 2**16 after the mask: the same numbers, no copy
         return np.argsort(self.class_of + rng.random((R, U)), axis=1)
 
     def __call__(self, pi: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -95,77 +99,92 @@ class BudgetDraw:
         R, U = pi.shape
         C = self.class_sizes.size
         forced = pi >= 1.0 - _TOL
-        p = np.where((pi > _TOL) & ~forced, pi, 0.0)
-        left = self.budget - forced @ self.sizes
+        p = np.where(forced, 0.0, pi)
+        p[p < _TOL] = 0.0
+        left = self.budget - forced @ self._fsizes
         expected = p @ self.onehot
-        whole = np.floor(expected + _TOL)
-        frac = expected - whole
-        np.clip(frac, 0.0, 1.0, out=frac)
+        counts = np.floor(expected + _TOL)
+        frac = expected - counts  # in [−TOL, 1 − TOL]
         frac[frac < _TOL] = 0.0
         # fixed shapes: pipage steps (C−1, padded to C), the lift of the last class, the C systematic offsets
         u = rng.random((R, 2 * C + 1))
         up, last, leftover = self._round_classes(frac, u[:, :C])
-        counts = whole.astype(np.int64) + up
+        counts += up
         has = last >= 0
         if has.any():
             # the one class left fractional goes up only if a whole extra unit of it fits (else: documented bias)
             rows = np.arange(R)
             c = np.maximum(last, 0)
-            spent = counts @ self.class_sizes + self.class_sizes[c]
+            spent = counts @ self._fclass_sizes + self._fclass_sizes[c]
             lift = has & (spent <= left) & (u[:, C] < leftover)
             up[rows, c] |= lift
             counts[rows, c] += lift
+        # V | rounded up ~ U(0, f), V | rounded down ~ U(f, 1) (= U(0, 1) when f = 0)
         v = u[:, C + 1:]
-        v = np.where(frac <= 0.0, v, np.where(up > 0, v * frac, frac + v * (1.0 - frac)))
+        v = np.where(up, v * frac, frac + v * (1.0 - frac))
 
         order = self._order(rng, R)
-        flat = order + (np.arange(R) * U)[:, None]
+        flat = order + self._row_offsets(R)
         cum = np.zeros((R, U + 1))
         np.cumsum(p.take(flat), axis=1, out=cum[:, 1:])
         off = v[:, self._class_at]
         off += cum[:, self._start_at]  # systematic points V + i counted from the start of the class block
-        cap = counts[:, self._class_at]
-        hits_to = np.ceil(cum[:, 1:] - off)
-        np.clip(hits_to, 0, cap, out=hits_to)
-        hits_before = np.ceil(cum[:, :-1] - off)
-        np.clip(hits_before, 0, cap, out=hits_before)
+        hits = np.ceil(cum[:, 1:] - off)
+        np.maximum(hits, 0.0, out=hits)
+        np.minimum(hits, counts[:, self._class_at], out=hits)
+        # points before position j: the previous position's count inside a block, 0 at a block's start
+        before = np.empty((R, U))
+        before[:, 1:] = hits[:, :-1]
+        before[:, self._block_starts] = 0.0
         chosen = np.empty((R, U), dtype=bool)
-        chosen.reshape(-1)[flat.reshape(-1)] = (hits_to > hits_before).reshape(-1)
+        chosen.reshape(-1)[flat.reshape(-1)] = (hits > before).reshape(-1)
         chosen |= forced
         return chosen
+
+    def _row_offsets(self, R: int) -> np.ndarray:
+        """(R, 1) offsets r·U that turn per-row unit indices into flat ones (cached per R)."""
+        if self._offsets.shape[0] != R:
+            self._offsets = (np.arange(R) * self.sizes.size)[:, None]
+        return self._offsets
 
     def _round_classes(self, frac: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Weighted pipage rounding of class fractions f_s ∈ [0, 1) with weights n_s, on every row at once.
 
-        Classes are visited largest first; ``carry`` is the one visited class that may still be fractional.
-        Pairing it with the next fractional class s moves both along the direction that keeps
-        n_carry f_carry + n_s f_s fixed, to the end point where one of them is integral, choosing
-        ("raise carry" with probability down/(up + down)) so that E[f] is unchanged; u[:, s−1] is that step's
-        U(0, 1).  Returns (0/1 per row and class, the class left fractional or −1, its remaining fraction).
+        Classes are visited largest first; the *carry* is the one visited class that may still be fractional.
+        Pairing it with the next fractional class s moves both by d along n_carry·f_carry + n_s·f_s = const,
+        to the end point where one of them is integral: d = +up (raise the carry, lower s) with probability
+        down/(up + down), else d = −down, so E[d] = 0 and E[f] is unchanged; u[:, s−1] is that step's
+        U(0, 1).  Values within TOL of 0 or 1 count as integral.  Returns (rounded up? per row and class,
+        the class left fractional or −1, its remaining fraction).
         """
         R, C = frac.shape
         order = self._pipage_order
-        f = frac[:, order]
+        f = frac.T[order]  # (C, R): class rows in visiting order
         n = self._n_sorted
         rows = np.arange(R)
-        carry = np.zeros(R, dtype=np.int64)
+        fc = f[0].copy()  # the carry's fraction, its position in the visiting order, its size
+        pc = np.zeros(R, dtype=np.intp)
+        nc = np.full(R, n[0])
+        live = fc > _TOL
         for s in range(1, C):
-            fc, fs = f[rows, carry], f[:, s]
-            both = (fc > 0.0) & (fc < 1.0) & (fs > 0.0) & (fs < 1.0)
+            fs = f[s]
+            both = live & (fs > _TOL)
             if both.any():
-                ratio = n[carry] / n[s]
-                up = np.minimum(1.0 - fc, fs / ratio)  # raise the carry, lower s
-                down = np.minimum(fc, (1.0 - fs) / ratio)  # lower the carry, raise s
-                raise_c = u[:, s - 1] * (up + down) < down
-                fc = np.where(both, np.where(raise_c, fc + up, fc - down), fc)
-                fs = np.where(both, np.where(raise_c, fs - up * ratio, fs + down * ratio), fs)
-                fc = np.where(fc < _TOL, 0.0, np.where(fc > 1.0 - _TOL, 1.0, fc))
-                fs = np.where(fs < _TOL, 0.0, np.where(fs > 1.0 - _TOL, 1.0, fs))
-                f[rows, carry] = fc
-                f[:, s] = fs
-            carry = np.where((fc > 0.0) & (fc < 1.0), carry, s)
-        fc = f[rows, carry]
-        has = (fc > 0.0) & (fc < 1.0)
-        up = np.zeros((R, C), dtype=np.int64)
-        up[:, order] = f >= 1.0
-        return up, np.where(has, order[carry], -1), np.where(has, fc, 0.0)
+                ratio = nc / n[s]
+                up = np.minimum(1.0 - fc, fs / ratio)
+                down = np.minimum(fc, (1.0 - fs) / ratio)
+                d = np.where(u[:, s - 1] * (up + down) < down, up, -down)
+                d *= both
+                fc = fc + d
+                fs = fs - d * ratio
+                f[s] = fs
+                f[pc, rows] = fc
+                live = (fc > _TOL) & (fc < 1.0 - _TOL)
+            # the carry moves on to s unless it is still fractional
+            pc = np.where(live, pc, s)
+            nc = np.where(live, nc, n[s])
+            fc = np.where(live, fc, fs)
+            live = (fc > _TOL) & (fc < 1.0 - _TOL)
+        up = np.empty((R, C), dtype=bool)
+        up[:, order] = (f > 1.0 - _TOL).T
+        return up, np.where(live, order[pc], -1), np.where(live, fc, 0.0)

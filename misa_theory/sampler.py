@@ -54,7 +54,7 @@ import numpy as np
 
 from ._validate import group_ids, nonnegative, positive
 from .budget_draw import BudgetDraw
-from .waterfill_rows import waterfill_rows
+from .waterfill_rows import waterfill_rows, waterfill_rows_floor0
 
 RULES: tuple[str, ...] = ("misa", "optimal", "uniform", "lisa", "badam")
 LAYER_RULES: tuple[str, ...] = ("lisa", "badam")
@@ -158,6 +158,11 @@ class ModuleSampler:
         self._capacity = np.floor(self.budget / self._class_sizes + _TOL)
         self._fsizes = self._unit_sizes.astype(np.float64)
         self._inv_sizes = 1.0 / self._fsizes
+        self._n_reachable = float(self._reachable.sum())
+        self._all_reachable = bool(self._reachable.all())
+        self._reachable_rows = np.tile(self._reachable, (self._n_streams, 1))
+        # a class is reachable iff its (common) size fits the budget; inf marks one that never holds a unit
+        self._class_sizes_reachable = np.where(self._class_sizes <= self.budget, self._class_sizes, np.inf)
         if not (np.isfinite(depth_bias) and depth_bias >= 0):
             raise ValueError(f"depth_bias must be a finite number ≥ 0, got {depth_bias!r}")
         if depth_bias > 0 and layer:
@@ -275,28 +280,37 @@ class ModuleSampler:
             self._visited |= mask
 
     # ------------------------------------------------------------------ targets
-    def _rates_rows(self, scores: np.ndarray, free: np.ndarray) -> np.ndarray:
-        """The rule's water-filling rates over the ``free`` units of each row (scale-free: μ absorbs scale;
-        values off ``free`` are arbitrary, the water-filling reads only ``free``)."""
-        ones = np.ones(free.shape) if self._tilt is None else np.broadcast_to(self._tilt, free.shape)
+    def _rates_rows(self, scores: np.ndarray, free: np.ndarray, all_free: bool = False) -> np.ndarray:
+        """The rule's water-filling rates, 0 off the ``free`` units of each row (scale-free: μ absorbs the
+        scale).  ``all_free`` promises that every unit is free (skips the masking)."""
         if self.rule not in SCORE_RULES:
-            return ones
-        score = scores * free
+            rates = free.astype(np.float64)
+            if self._tilt is not None:
+                rates *= self._tilt
+            return rates
+        score = scores.copy() if all_free else scores * free
         top = score.max(axis=1)
         live = top > 0
-        with np.errstate(divide="ignore", invalid="ignore"):  # rows without a positive score take ``ones``
-            if self.rule == "misa":
-                # p ∝ exp(η·s/mean_free(s)), the mean over the free units as the scores are scale-free there;
-                # shifted by the largest logit (overflow) and left unnormalised (μ absorbs the scale)
-                coef = self.eta * free.sum(axis=1) / score.sum(axis=1)
-                score -= top[:, None]
-                score *= coef[:, None]
-                rates = np.exp(score, out=score)
-            else:
-                rates = np.sqrt(score * self._inv_sizes, out=score)
+        if self.rule == "misa":
+            # p ∝ exp(η·s/mean_free(s)), the mean over the free units as the scores are scale-free there;
+            # shifted by the largest logit (overflow) and left unnormalised (μ absorbs the scale)
+            count = self._n_reachable if all_free else free.sum(axis=1)
+            coef = np.zeros(live.shape)
+            np.divide(self.eta * count, score.sum(axis=1), out=coef, where=live)
+            score -= top[:, None]
+            score *= coef[:, None]
+            rates = np.exp(score, out=score)
+        else:
+            rates = np.sqrt(score * self._inv_sizes, out=score)
         if self._tilt is not None:  # scale-free rates: multiplying is adding log-tilt to the logit
             rates *= self._tilt
-        return rates if live.all() else np.where(live[:, None], rates, ones)
+        if not all_free:
+            rates *= free
+        if live.all():
+            return rates
+        # no positive score among a row's free units: equal rates (tilted) over them
+        flat = free if self._tilt is None else free * self._tilt
+        return np.where(live[:, None], rates, flat)
 
     def _target_units(self, rows: np.ndarray | None) -> np.ndarray:
         """π per unit (R, U) for the current scores of ``rows`` (all streams if None; 0 for units larger than
@@ -306,39 +320,47 @@ class ModuleSampler:
         E_s exceeds that capacity is scaled down to it (π ∝ the rule's π inside the class, which is the KKT
         solution with the extra constraint Σ_{b∈s} π_b ≤ cap_s for the optimal rule) and the rest of the
         budget is re-spread over the other classes by the same rule; each row does this independently.
-        Every pass fixes at least one class, so there are at most (number of classes) + 1 passes, each a
-        fixed number of whole-array operations over all rows (rows already settled take no free units).
+        Every pass takes at least one class out, so there are at most (number of classes) + 1 passes, each
+        a fixed number of whole-array operations over all rows (rows already settled take no free units).
         """
         scores = None
         if self.rule in SCORE_RULES:  # score rules are module-wise: units are modules
             scores = self._scores if rows is None else self._scores[rows]
         R = self._n_streams if rows is None else rows.size
-        free = np.tile(self._reachable, (R, 1))
+        free = self._reachable_rows.copy() if rows is None else self._reachable_rows[rows]
         budget = np.full(R, float(self.budget))
-        capacity = np.broadcast_to(self._capacity, (R, self._capacity.size))
-        going = np.ones(R, dtype=bool)
+        capacity = self._capacity
+        all_free = self._all_reachable
+        gone = np.zeros((R, self._class_sizes.size), dtype=bool)  # classes taken out, per row
+        going = None  # rows still re-spreading (None: all)
         pi = None
+        floor = self.min_inclusion
         while True:
-            work = free if going.all() else free & going[:, None]
-            rates = self._rates_rows(scores, work)
-            p = waterfill_rows(rates, self._fsizes, work, budget, self.min_inclusion)
+            work = free if going is None else free & going[:, None]
+            rates = self._rates_rows(scores, work, all_free)
+            if floor == 0.0:
+                p = waterfill_rows_floor0(rates, self._fsizes, budget)
+            else:
+                p = waterfill_rows(rates, self._fsizes, work, budget, floor)
             pi = p if pi is None else np.where(work, p, pi)
-            expected = self._drawer.expected(p)  # 0 on classes fixed earlier and on settled rows
+            expected = self._drawer.expected(p)  # 0 on classes taken out earlier and on settled rows
             over = expected > capacity + 1e-9
             hit = over.any(axis=1)
             if not hit.any():
                 return pi
             # classes over capacity: scale to capacity, take them and their budget out, re-spread the rest
-            scale = np.where(over, capacity / np.where(over, expected, 1.0), 1.0)
-            pi *= scale[:, self._class_of]  # scale is 1 on units fixed earlier: their class is not over
-            budget -= (capacity * self._class_sizes * over).sum(axis=1)
+            scale = np.ones(over.shape)
+            np.divide(capacity, expected, out=scale, where=over)
+            pi *= scale[:, self._class_of]
+            budget -= (over * capacity) @ self._class_sizes
+            gone |= over
             free &= ~over[:, self._class_of]
-            left = free.any(axis=1)
-            smallest = np.where(free, self._fsizes, np.inf).min(axis=1)
-            stuck = hit & left & (budget < smallest)
+            all_free = False
+            # a row whose budget no longer fits any free unit is done, its free units at 0 (inf: none left)
+            stuck = hit & (budget < np.where(gone, np.inf, self._class_sizes_reachable).min(axis=1))
             if stuck.any():
                 pi = np.where(stuck[:, None] & free, 0.0, pi)
-            going = hit & left & ~stuck
+            going = hit & ~stuck
             if not going.any():
                 return pi
             capacity = np.floor(budget[:, None] / self._class_sizes + _TOL)
@@ -386,7 +408,7 @@ class ModuleSampler:
                     units[s, self._draw_explore(s)] = True
         self._visited |= units
         self.n_draws += 1
-        if np.any(units @ self._unit_sizes > self.budget):  # guaranteed by construction; keep memory safe anyway
+        if np.any(units @ self._fsizes > self.budget):  # guaranteed by construction; keep memory safe anyway
             raise AssertionError("ModuleSampler drew over budget; please report this as a bug")
         modules = units[:, self._unit_of] if self.rule in LAYER_RULES else units
         return np.flatnonzero(modules[0]).astype(np.int64) if self.streams is None else modules

@@ -24,7 +24,7 @@ import numpy as np
 
 from .optimal import waterfill
 
-__all__ = ["waterfill_rows", "waterfill_sorted"]
+__all__ = ["waterfill_rows", "waterfill_rows_floor0", "waterfill_sorted"]
 
 _CAPPED_SET_PASSES = 4
 _ACTIVE_SET_ITERS = 30
@@ -82,6 +82,20 @@ def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -> np.
     return x
 
 
+def waterfill_rows_floor0(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    r""":func:`waterfill_rows` at floor 0 with the free set given by the rates: r_su > 0 exactly on the units
+    row s may spend on (zero elsewhere), so there is no mask to apply.  Shapes as there."""
+    pos = rates > 0
+    spend = (pos @ sizes) <= budget  # every positive rate fits whole: π = 1 there, 0 elsewhere
+    if not spend.any():
+        return _capped_set(rates, sizes, budget)
+    pi = pos.astype(np.float64)
+    rows = np.flatnonzero(~spend)
+    if rows.size:
+        pi[rows] = _capped_set(rates[rows], sizes, budget[rows])
+    return pi
+
+
 def waterfill_rows(rates: np.ndarray, sizes: np.ndarray, free: np.ndarray, budget: np.ndarray,
                    floor: float) -> np.ndarray:
     r"""π (R, U) of the module docstring's problem for every row; 0 outside ``free``.
@@ -95,15 +109,7 @@ def waterfill_rows(rates: np.ndarray, sizes: np.ndarray, free: np.ndarray, budge
     """
     pos = free & (rates > 0)
     if floor == 0.0:
-        # rows whose positive rates fit whole take them all (π = 1 there, 0 elsewhere); the rest water-fill
-        spend = (pos @ sizes) <= budget
-        if not spend.any():  # the sampler's case after exploration: one fused path, no row bookkeeping
-            return _capped_set(np.where(pos, rates, 0.0), sizes, budget)
-        pi = pos.astype(np.float64)
-        rows = np.flatnonzero(~spend)
-        if rows.size:
-            pi[rows] = _capped_set(np.where(pos[rows], rates[rows], 0.0), sizes, budget[rows])
-        return pi
+        return waterfill_rows_floor0(np.where(pos, rates, 0.0), sizes, budget)
     pi = np.where(free, floor, 0.0)
     spend_all = (free @ sizes) <= budget
     pi[spend_all] = np.where(pos[spend_all], 1.0, pi[spend_all])
