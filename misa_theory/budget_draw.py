@@ -57,10 +57,10 @@ class BudgetDraw:
         self.onehot = np.zeros((U, C))
         self.onehot[np.arange(U), self.class_of] = 1.0
         self._pipage_order = np.argsort(-self.class_sizes, kind="stable")  # largest class first
-        self._n_sorted = self.class_sizes[self._pipage_order].astype(np.float64)
         self._fsizes = self.sizes.astype(np.float64)
         self._fclass_sizes = self.class_sizes.astype(np.float64)
         self._offsets = np.zeros((0, 1), dtype=np.intp)
+        self._arange = np.zeros(0, dtype=np.intp)
         # the random order lays the classes out as fixed blocks (class 0 first); per position: its class and
         # the position its block starts at (an index into the cumulative sums, which carry a leading 0)
         self._class_at = np.sort(self.class_of)
@@ -113,7 +113,7 @@ class BudgetDraw:
         has = last >= 0
         if has.any():
             # the one class left fractional goes up only if a whole extra unit of it fits (else: documented bias)
-            rows = np.arange(R)
+            rows = self._rows(R)
             c = np.maximum(last, 0)
             spent = counts @ self._fclass_sizes + self._fclass_sizes[c]
             lift = has & (spent <= left) & (u[:, C] < leftover)
@@ -141,6 +141,12 @@ class BudgetDraw:
         chosen |= forced
         return chosen
 
+    def _rows(self, R: int) -> np.ndarray:
+        """arange(R), cached."""
+        if self._arange.size != R:
+            self._arange = np.arange(R)
+        return self._arange
+
     def _row_offsets(self, R: int) -> np.ndarray:
         """(R, 1) offsets r·U that turn per-row unit indices into flat ones (cached per R)."""
         if self._offsets.shape[0] != R:
@@ -158,22 +164,25 @@ class BudgetDraw:
         the class left fractional or −1, its remaining fraction).
         """
         R, C = frac.shape
-        order = self._pipage_order
-        f = frac.T[order]  # (C, R): class rows in visiting order
-        n = self._n_sorted
-        rows = np.arange(R)
-        fc = f[0].copy()  # the carry's fraction, its position in the visiting order, its size
+        up = np.zeros((R, C), dtype=bool)
+        frac_any = (frac > _TOL).any(axis=0)
+        order = self._pipage_order[frac_any[self._pipage_order]]  # only classes fractional in some row
+        if order.size == 0:
+            return up, np.full(R, -1), np.zeros(R)
+        f = frac.T[order]  # (K, R): class rows in visiting order
+        n = self._fclass_sizes[order]
+        rows = self._rows(R)
+        fc = f[0].copy()  # the carry's fraction and its position in the visiting order
         pc = np.zeros(R, dtype=np.intp)
-        nc = np.full(R, n[0])
         live = fc > _TOL
-        for s in range(1, C):
+        for s in range(1, order.size):
             fs = f[s]
             both = live & (fs > _TOL)
             if both.any():
-                ratio = nc / n[s]
-                up = np.minimum(1.0 - fc, fs / ratio)
-                down = np.minimum(fc, (1.0 - fs) / ratio)
-                d = np.where(u[:, s - 1] * (up + down) < down, up, -down)
+                ratio = n[pc] / n[s]
+                up_c = np.minimum(1.0 - fc, fs / ratio)
+                down_c = np.minimum(fc, (1.0 - fs) / ratio)
+                d = np.where(u[:, s - 1] * (up_c + down_c) < down_c, up_c, -down_c)
                 d *= both
                 fc = fc + d
                 fs = fs - d * ratio
@@ -182,9 +191,7 @@ class BudgetDraw:
                 live = (fc > _TOL) & (fc < 1.0 - _TOL)
             # the carry moves on to s unless it is still fractional
             pc = np.where(live, pc, s)
-            nc = np.where(live, nc, n[s])
             fc = np.where(live, fc, fs)
             live = (fc > _TOL) & (fc < 1.0 - _TOL)
-        up = np.empty((R, C), dtype=bool)
         up[:, order] = (f > 1.0 - _TOL).T
         return up, np.where(live, order[pc], -1), np.where(live, fc, 0.0)

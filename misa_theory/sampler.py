@@ -183,6 +183,7 @@ class ModuleSampler:
         self._ema = np.zeros((S, self.n_modules))
         self._count = np.zeros((S, self.n_modules), dtype=np.int64)
         self._scores = np.zeros((S, self.n_modules))
+        self._bias = np.zeros(0)
         self._all_explored = False
         self._visited = np.tile(~self._reachable, (S, 1))
         self._cycle: list[np.ndarray] = [np.zeros(0, dtype=np.int64) for _ in range(S)]
@@ -200,10 +201,12 @@ class ModuleSampler:
     def _refresh_scores(self, where: np.ndarray | None = None) -> None:
         """score = m/(1 − β^c) where c > 0 (0 elsewhere), recomputed on ``where`` (all entries if None)."""
         seen = self._count > 0 if where is None else where
-        bias = 1.0 - np.power(self.ema_beta, self._count)
+        top = int(self._count.max(initial=0))
+        if top >= self._bias.size:  # 1 − β^c for every count so far, by the same power as elementwise
+            self._bias = 1.0 - np.power(self.ema_beta, np.arange(max(2 * top, 64)))
         if where is None:
             self._scores = np.zeros(self._ema.shape)
-        np.divide(self._ema, bias, out=self._scores, where=seen)
+        np.divide(self._ema, self._bias.take(self._count), out=self._scores, where=seen)
 
     @property
     def scores(self) -> np.ndarray:
@@ -264,7 +267,7 @@ class ModuleSampler:
             if values.shape != shape:
                 raise ValueError(f"sq_norms must have shape {shape}, got {values.shape}")
             seen = values[mask]
-            if not np.all(np.isfinite(seen)) or np.any(seen < 0):
+            if not ((seen >= 0) & (seen < np.inf)).all():  # also false on NaN
                 raise ValueError("sq_norms must be finite and non-negative where the mask is set")
         self._observe_rows(mask, values)
 
@@ -345,9 +348,9 @@ class ModuleSampler:
             pi = p if pi is None else np.where(work, p, pi)
             expected = self._drawer.expected(p)  # 0 on classes taken out earlier and on settled rows
             over = expected > capacity + 1e-9
-            hit = over.any(axis=1)
-            if not hit.any():
+            if not over.any():
                 return pi
+            hit = over.any(axis=1)
             # classes over capacity: scale to capacity, take them and their budget out, re-spread the rest
             scale = np.ones(over.shape)
             np.divide(capacity, expected, out=scale, where=over)
@@ -392,8 +395,8 @@ class ModuleSampler:
                 units[s, self._draw_cycle(s)] = True
             self._last = self._target_rows()
         else:
-            exploring = self._exploring_rows()
-            if not exploring.any():  # every stream draws from its target: no row bookkeeping
+            exploring = None if self._all_explored else self._exploring_rows()
+            if exploring is None or not exploring.any():  # every stream draws from its target: no row bookkeeping
                 pi = self._target_units(None)
                 units = self._drawer(pi, self.rng)
                 self._last = pi[:, self._unit_of] if self.rule in LAYER_RULES else pi

@@ -60,12 +60,12 @@ def waterfill_sorted(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -
 def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -> np.ndarray:
     """Floor-0 rows with zero rates off the free units and Σ_{r>0} N > budget: the capped-set iteration of
     the module docstring on all rows at once, rows left moving finished by :func:`waterfill_sorted`."""
-    nr = rates * sizes
-    mu = budget / nr.sum(axis=1)
+    mu = budget / (rates @ sizes)
     x = mu[:, None] * rates
     capped = x >= 1.0
     if not capped.any():  # the common case: μ = budget/Σ N r already caps nothing
         return x
+    nr = rates * sizes
     count = capped.sum(axis=1)
     for _ in range(_CAPPED_SET_PASSES):
         mu = (budget - capped @ sizes) / np.where(capped, 0.0, nr).sum(axis=1)
