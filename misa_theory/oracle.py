@@ -112,7 +112,7 @@ class DenseOracle(GradientOracle):
 class _Prepared(NamedTuple):
     """What :class:`RobustOracle` derives once per active set (see :meth:`RobustOracle._prepare`)."""
 
-    rows: np.ndarray  # (P,) cache row s·M + b of each pair
+    rows: np.ndarray  # (P,) cache row of each pair
     const: np.ndarray  # (P, ·) the pairs' module constants
     parts: list[tuple]  # per non-empty slab: (lo, hi, a0, a1, seeds, local, F_bᵀ gathered, θ view)
 
@@ -120,48 +120,60 @@ class _Prepared(NamedTuple):
 class RobustOracle(GradientOracle):
     """Incremental oracle for :class:`~misa_theory.problems.RobustFeatures` (see the module docstring).
 
-    θ is moved through :meth:`step` only; the pairs it moved are refreshed lazily, at the next query."""
+    θ moves through :meth:`step` only, which also takes the products F_bᵀθ_b of the pairs it moved while their
+    coordinates are at hand; the rest of their refresh waits for the next query."""
 
     def __init__(self, problem: RobustFeatures, theta: np.ndarray) -> None:
         super().__init__(problem, theta)
         p = problem
         S, M, m, r = self.theta.shape[0], p.n_modules, p.m, p.r
+        mr = m + r
         self.S = S
-        self._mr = m + r
+        self._mr = mr
         # per slab (a run of equal-sized modules): F_bᵀ = [A_b C_b]ᵀ of its modules, (count, m+r, size), and the
         # view θ[:, slab].reshape(S, count, size) in which pair (s, b)'s coordinates are one row
         self._slabs: list[tuple[int, int, np.ndarray, np.ndarray]] = []
-        # per module, gathered as one row per pair: y_b (m), 2·s_b/m (1), K_b = F_bᵀA_b ((m+r)·m, row-major)
-        self._const = np.empty((M, m + 1 + (m + r) * m))
+        # per module, gathered as one row per pair and padded with r zeros to the m+r columns of F_bᵀθ_b:
+        # (y_b, 0), (2·s_b/m, 0) (the 2 of φ'(t) = 2t/(1+t²)² folded in) and K_b = [A_bᵀA_b 0; 2·C_bᵀA_b 0]
+        self._const = np.zeros((M, 2 * mr + mr * mr))
         for first, count, size, start, a, a_t, y, w in p._feat:
-            f_t = np.empty((count, m + r, size))
+            f_t = np.empty((count, mr, size))
             f_t[:, :m] = a_t
             f_t[:, m:] = p._c[start:start + count * size].reshape(count, size, r).transpose(0, 2, 1)
             self._slabs.append((first, size, f_t, self.theta[:, start:start + count * size].reshape(S, count, size)))
-            self._const[first:first + count, :m] = y
-            self._const[first:first + count, m] = 2.0 * w[:, 0]  # the 2 of φ'(t) = 2t/(1+t²)², folded in once
-            self._const[first:first + count, m + 1:] = np.matmul(f_t, a).reshape(count, -1)
+            const = self._const[first:first + count]
+            const[:, :m] = y
+            const[:, mr:mr + m] = 2.0 * w
+            k = np.zeros((count, mr, mr))
+            k[:, :, :m] = np.matmul(f_t, a)
+            k[:, m:] *= 2.0
+            const[:, 2 * mr:] = k.reshape(count, -1)
         self._slab_first = np.array([s[0] for s in self._slabs] + [M])
         self._q = p._c.T @ p._c
         self._two_lam = 2.0 * p.coupling / r
-        # cache row s·M + b of pair (s, b): κ_b (m) | N_b | 2·P_b (r) | residuals A_bᵀθ_b − y_b (m) | T_b (r).
-        # grad_sq sums whole rows per seed (one product); the κ and residual sums are simply not read.
-        self._n_col, self._p_col, self._t_col = m, m + 1, 2 * m + 1 + r
-        self._table = np.zeros((S, M, 2 * m + 1 + 2 * r))
-        self._rows = self._table.reshape(S * M, -1)
-        self._ones = np.ones(M)
+        # The cache, row s·(M+1) + b for pair (s, b): (κ_b, 0) (m+r) for grad_at, and the statistics
+        # T_b = C_bᵀθ_b (r) | A_bᵀG_b (m) | 2·P_b (r) | N_b for grad_sq.  Each seed has one more statistics row,
+        # 0 but for T = −z, so that one product summing a seed's rows gives Cᵀθ − z, Σ_b N_b and 2·Σ_b P_b at
+        # once (the A_bᵀG_b sums are not read; keeping them lets K_b·κ_b land in place).
+        self._stats = np.zeros((S, M + 1, 2 * r + m + 1))
+        self._stats[:, M, :r] = -p._z
+        self._stat_rows = self._stats.reshape(S * (M + 1), -1)
+        self._kappa = np.zeros((S * (M + 1), mr))
+        self._ones = np.ones(M + 1)
         self._u: np.ndarray | None = None
         self._prep_key: Active | None = None
         self._prep_val: _Prepared | None = None
-        # pairs moved but not yet refreshed, in step order: (active, prepared, their θ rows after the step, or None
-        # to read them from θ)
-        self._pending: list[tuple[Active, _Prepared, list[np.ndarray] | None]] = []
         mods, seeds = np.nonzero(np.ones((M, S), dtype=bool))
         lens = p.sizes[mods]
         starts = np.cumsum(lens) - lens
         idx = np.repeat(seeds * p.n_params + p.offsets[mods] - starts, lens) + np.arange(S * p.n_params)
         everything = Active(idx, seeds, mods, starts)
-        self._pending.append((everything, self._prepare(everything), None))
+        prep = self._prepare(everything)
+        lin = np.empty((mods.size, mr))
+        for lo, hi, _a0, _a1, seeds_j, local, f_g, view in prep.parts:
+            np.matmul(f_g, view[seeds_j, local][:, :, None], out=lin[lo:hi, :, None])
+        # pairs moved but not yet refreshed, in step order: (active, prepared, their F_bᵀθ_b after the step)
+        self._pending: list[tuple[Active, _Prepared, np.ndarray]] = [(everything, prep, lin)]
 
     def _prepare(self, active: Active) -> _Prepared:
         """Cache rows and module constants of the pairs, and per non-empty slab: the pairs' range [lo, hi), their
@@ -182,74 +194,70 @@ class RobustOracle(GradientOracle):
                 local = mods[lo:hi] - first
                 a0 = int(active.starts[lo])
                 parts.append((lo, hi, a0, a0 + (hi - lo) * size, seeds[lo:hi], local, f_t[local], view))
-        val = _Prepared(seeds * self.problem.n_modules + mods, self._const[mods], parts)
+        val = _Prepared(seeds * (self.problem.n_modules + 1) + mods, self._const[mods], parts)
         self._prep_key, self._prep_val = active, val
         return val
 
-    def _refresh(self, prep: _Prepared, blocks: list[np.ndarray] | None) -> None:
-        """Recompute the cache rows of the prepared pairs from θ (``blocks``: their θ rows per slab, if current).
+    def _refresh(self, prep: _Prepared, lin: np.ndarray) -> None:
+        """Store the cache rows of the prepared pairs, given their products ``lin`` = F_bᵀθ_b (P, m+r).
 
-        The residuals and T_b are one batched product F_bᵀθ_b per slab; N_b = κ_bᵀ(A_bᵀA_b)κ_b and
-        P_b = (C_bᵀA_b)κ_b then come from K_b = F_bᵀA_b without touching the coordinates again."""
-        rows, const, parts = prep
+        (κ_b, 0) = (s_b/m·φ'(A_bᵀθ_b − y_b), 0) is elementwise on (lin − (y_b, 0)); K_b·(κ_b, 0) = (A_bᵀG_b, 2·P_b)
+        and N_b = κ_bᵀA_bᵀG_b follow without touching the coordinates again."""
+        rows, const, _parts = prep
         m, mr = self.problem.m, self._mr
-        new = np.empty((rows.size, self._rows.shape[1]))
-        lin = new[:, self._t_col - m:]  # (P, m+r): A_bᵀθ_b (made residuals in place), then T_b = C_bᵀθ_b
-        for j, (lo, hi, _a0, _a1, seeds, local, f_g, view) in enumerate(parts):
-            blk = view[seeds, local] if blocks is None else blocks[j]
-            np.matmul(f_g, blk[:, :, None], out=lin[lo:hi, :, None])
-        res = lin[:, :m]
-        res -= const[:, :m]
+        res = np.subtract(lin, const[:, :mr], out=lin)  # (residuals, T_b)
         den = res * res
         den += 1.0
         den *= den
-        kappa = np.divide(res, den, out=new[:, :m])
-        kappa *= const[:, m:m + 1]  # κ_b = s_b/m · φ'(residual)
-        kc = np.matmul(const[:, m + 1:].reshape(-1, mr, m), kappa[:, :, None])  # (A_bᵀG_b, C_bᵀG_b)
-        np.einsum("pm,pm->p", kappa, kc[:, :m, 0], out=new[:, self._n_col])
-        np.multiply(kc[:, m:, 0], 2.0, out=new[:, self._p_col:self._t_col - m])
-        self._rows[rows] = new
+        kappa = np.divide(res, den, out=den)
+        kappa *= const[:, mr:2 * mr]  # (κ_b, 0): the r columns past m are zeroed
+        stats = np.empty((rows.size, self._stats.shape[2]))
+        stats[:, :mr - m] = res[:, m:]
+        kc = np.matmul(const[:, 2 * mr:].reshape(-1, mr, mr), kappa[:, :, None], out=stats[:, mr - m:-1, None])
+        np.matmul(kappa[:, None, :], kc, out=stats[:, -1:, None])
+        self._stat_rows[rows] = stats
+        self._kappa[rows] = kappa
 
     def _flush(self) -> None:
-        """Bring the cache up to date with θ: refresh the pairs moved since the last query."""
+        """Bring the cache up to date with θ: refresh the pairs moved since the last query, in step order (where
+        two pending sets share a pair, the later one's products, taken after both steps, are the ones kept)."""
         if self._pending:
-            for _active, prep, blocks in self._pending:
-                self._refresh(prep, blocks)
+            for _active, prep, lin in self._pending:
+                self._refresh(prep, lin)
             self._pending.clear()
             self._u = None
 
     def _coupling(self, sums: np.ndarray | None = None) -> np.ndarray:
-        """u = λ/r·φ'(Cᵀθ − z) per seed (S, r), from Cᵀθ = Σ_b T_b; kept until the cache changes."""
+        """u = λ/r·φ'(Cᵀθ − z) per seed (S, r) from the cache (flushed); kept until the cache changes."""
         if self._u is None:
             if sums is None:
-                sums = np.matmul(self._ones, self._table)
-            t = sums[:, self._t_col:] - self.problem._z
+                sums = np.matmul(self._ones, self._stats)
+            t = sums[:, :self.problem.r].copy()  # Cᵀθ − z
             den = t * t
             den += 1.0
             den *= den
-            u = np.divide(t, den)
-            u *= self._two_lam
-            self._u = u
+            t /= den
+            t *= self._two_lam
+            self._u = t
         return self._u
 
     def grad_sq(self) -> np.ndarray:
         self._flush()
-        sums = np.matmul(self._ones, self._table)  # (S, columns): Σ_b of every cache column
+        sums = np.matmul(self._ones, self._stats)  # (S, ·): Cᵀθ − z, Σ_b A_bᵀG_b, 2·Σ_b P_b, Σ_b N_b
         u = self._coupling(sums)
         quad = u @ self._q
-        quad += sums[:, self._p_col:self._t_col - self.problem.m]
-        return sums[:, self._n_col] + np.einsum("sr,sr->s", u, quad)
+        quad += sums[:, self._mr:-1]
+        return sums[:, -1] + np.einsum("sr,sr->s", u, quad)
 
     def grad_at(self, active: Active, out: np.ndarray) -> np.ndarray:
         if active.idx.size == 0:
             return out
         self._flush()
         rows, _const, parts = self._prepare(active)
-        m = self.problem.m
         # ∇f on pair (s, b)'s coordinates is F_b·(κ_b, u_s): one coefficient row per pair, one product per slab
-        coeff = np.empty((rows.size, 1, self._mr))
-        coeff[:, 0, :m] = self._rows[rows, :m]
-        coeff[:, 0, m:] = self._coupling()[active.seed]
+        coeff = self._kappa[rows]
+        coeff[:, self.problem.m:] = self._coupling()[active.seed]
+        coeff = coeff[:, None, :]
         dst = out if out.flags.c_contiguous else np.empty(out.shape)
         for lo, hi, a0, a1, _seeds, _local, f_g, _view in parts:
             np.matmul(coeff[lo:hi], f_g, out=dst[a0:a1].reshape(hi - lo, 1, -1))
@@ -261,17 +269,15 @@ class RobustOracle(GradientOracle):
         if active.idx.size == 0:
             return
         prep = self._prepare(active)
-        blocks = []
-        for lo, hi, a0, a1, seeds, local, _f_g, view in prep.parts:
-            blk = view[seeds, local]  # the pairs' θ rows, kept for the refresh
+        lin = np.empty((prep.rows.size, self._mr))
+        for lo, hi, a0, a1, seeds, local, f_g, view in prep.parts:
+            blk = view[seeds, local]  # the pairs' θ rows
             blk -= delta[a0:a1].reshape(hi - lo, -1)
             view[seeds, local] = blk
-            blocks.append(blk)
-        # refreshes run in step order, so where an earlier pending set overlaps this one its stale rows are
-        # overwritten by this one's; the same set again simply replaces its entry
+            np.matmul(f_g, blk[:, :, None], out=lin[lo:hi, :, None])
         if self._pending and self._pending[-1][0] is active:
-            self._pending.pop()
-        self._pending.append((active, prep, blocks))
+            self._pending.pop()  # the same pairs again: this step's products supersede the last one's
+        self._pending.append((active, prep, lin))
         self._u = None
 
 

@@ -168,8 +168,9 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
         K: number of block updates (periods of T steps).
         n_seeds: S, independent runs (different noise and sampler streams, same θ₀).
         cfg: hyper-parameters (α absolute).
-        seed: base seed; the noise Generator is seeded (seed, rule index), the sampler (one stream per seed
-            run) with seed·1000.
+        seed: base seed; the noise Generator is an SFC64 seeded (seed, rule index) (its normals cost ~20% less
+            than the default PCG64's, and a run draws one per active coordinate and step), the sampler (one
+            stream per seed run) with seed·1000.
         record_draws: keep seed 0's active sets and target π (for heatmaps; memory K·M).
         progress: called with the number of block updates just finished (for a progress bar).
 
@@ -184,7 +185,7 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
         raise ValueError(f"n_seeds must be positive, got {n_seeds}")
     cfg.validate()
     S, n, M = n_seeds, problem.n_params, problem.n_modules
-    rng = np.random.default_rng([seed, ALL_RULES.index(rule)])
+    rng = np.random.Generator(np.random.SFC64([seed, ALL_RULES.index(rule)]))
     full = rule in BASELINES
     oracle = make_oracle(problem, problem.x0(S), active_fraction=1.0 if full else cfg.delta)
     noise_scale = np.tile(cfg.sigma * problem.noise_std, S) if cfg.sigma > 0 else None  # σ·noise_std per flat index
