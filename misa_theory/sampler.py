@@ -297,11 +297,14 @@ class ModuleSampler:
         if self.rule == "misa":
             # p ∝ exp(η·s/mean_free(s)), the mean over the free units as the scores are scale-free there;
             # shifted by the largest logit (overflow) and left unnormalised (μ absorbs the scale)
+            # (dividing the shifted scores by the mean cannot overflow: |s − top| ≤ top ≤ count·mean)
             count = self._n_reachable if all_free else free.sum(axis=1)
-            coef = np.zeros(live.shape)
-            np.divide(self.eta * count, score.sum(axis=1), out=coef, where=live)
+            mean = np.ones(live.shape)
+            np.divide(score.sum(axis=1), count, out=mean, where=live)
             score -= top[:, None]
-            score *= coef[:, None]
+            score /= mean[:, None]
+            if self.eta != 1.0:
+                score *= self.eta
             rates = np.exp(score, out=score)
         else:
             rates = np.sqrt(score * self._inv_sizes, out=score)
