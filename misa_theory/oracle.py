@@ -37,7 +37,6 @@ each operation above is one batched product per slab on exact sizes: no padding,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -47,21 +46,47 @@ from .problems import Problem, RobustFeatures
 __all__ = ["Active", "GradientOracle", "DenseOracle", "RobustOracle", "make_oracle"]
 
 
-@dataclass(frozen=True)
 class Active:
-    """The active coordinates of all seeds, in (module, seed, coordinate) order.
+    """The active coordinates of all seeds: (seed, module) pairs in (module, seed) order, each with its run of
+    coordinates.
 
-    ``idx`` (A,) flat indices into θ.reshape(-1) (seed s, coordinate c ↦ s·n + c); ``module``/``seed`` (P,)
-    the selected (seed, module) pairs in the same order, sorted by module, then seed; ``starts`` (P,) where
-    each pair's run (its module's coordinates in increasing order) begins in ``idx``.  The module-major order
-    puts the pairs of equal-sized neighbouring modules next to each other, so :class:`RobustOracle` handles
-    each such slab as one batched product.
+    ``seed``/``module`` (P,) the selected pairs, sorted by module, then seed; ``lens`` (P,) their sizes n_b;
+    ``starts`` (P,) where each pair's run begins in the concatenation of the runs, ``size`` = Σ n_b its length
+    A.  Module b of seed s covers the flat indices s·n + offsets[b] + [0, n_b) of θ.reshape(-1); ``idx`` (A,)
+    lists them run after run (computed on first use: the simulator and :class:`RobustOracle` work per pair and
+    per slab and never need it).  The module-major order puts the pairs of equal-sized neighbouring modules
+    next to each other, so :class:`RobustOracle` handles each such slab as one batched product; ``sorted`` says
+    the order is known (:meth:`from_mask` builds it so), otherwise RobustOracle checks it.
     """
 
-    idx: np.ndarray
-    seed: np.ndarray
-    module: np.ndarray
-    starts: np.ndarray
+    __slots__ = ("seed", "module", "starts", "lens", "size", "sorted", "_offsets", "_n", "_idx")
+
+    def __init__(self, seed: np.ndarray, module: np.ndarray, starts: np.ndarray, lens: np.ndarray,
+                 offsets: np.ndarray, n: int) -> None:
+        self.seed, self.module, self.starts, self.lens = seed, module, starts, lens
+        self.size = int(starts[-1] + lens[-1]) if lens.size else 0
+        self._offsets, self._n = offsets, n
+        self._idx: np.ndarray | None = None
+        self.sorted = False  # known to be in module order (set by from_mask, which builds it so)
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray, sizes: np.ndarray, offsets: np.ndarray) -> Active:
+        """The pairs of an active mask (S, M) over modules of ``sizes`` starting at ``offsets`` (M,) in θ's row."""
+        module, seed = np.nonzero(mask.T)
+        lens = sizes[module]
+        ends = np.cumsum(lens)
+        ends -= lens
+        active = cls(seed, module, ends, lens, offsets, int(offsets[-1] + sizes[-1]))
+        active.sorted = True
+        return active
+
+    @property
+    def idx(self) -> np.ndarray:
+        """(A,) flat indices into θ.reshape(-1), run after run: one ``repeat`` of the run starts plus a ramp."""
+        if self._idx is None:
+            shift = self.seed * self._n + self._offsets[self.module] - self.starts
+            self._idx = np.repeat(shift, self.lens) + np.arange(self.size)
+        return self._idx
 
 
 class GradientOracle(ABC):
@@ -78,7 +103,7 @@ class GradientOracle(ABC):
 
     @abstractmethod
     def grad_at(self, active: Active, out: np.ndarray) -> np.ndarray:
-        """Write ∇f(θ)[active.idx] (shape (A,)) into ``out`` and return it."""
+        """Write ∇f(θ)[active.idx] (shape (A,)) into ``out`` and return it (run after run)."""
 
     @abstractmethod
     def step(self, active: Active, delta: np.ndarray) -> None:
@@ -163,13 +188,9 @@ class RobustOracle(GradientOracle):
         self._u: np.ndarray | None = None
         self._prep_key: Active | None = None
         self._prep_val: _Prepared | None = None
-        mods, seeds = np.nonzero(np.ones((M, S), dtype=bool))
-        lens = p.sizes[mods]
-        starts = np.cumsum(lens) - lens
-        idx = np.repeat(seeds * p.n_params + p.offsets[mods] - starts, lens) + np.arange(S * p.n_params)
-        everything = Active(idx, seeds, mods, starts)
+        everything = Active.from_mask(np.ones((S, M), dtype=bool), p.sizes, p.offsets[:-1])
         prep = self._prepare(everything)
-        lin = np.empty((mods.size, mr))
+        lin = np.empty((everything.module.size, mr))
         for lo, hi, _a0, _a1, seeds_j, local, f_g, view in prep.parts:
             np.matmul(f_g, view[seeds_j, local][:, :, None], out=lin[lo:hi, :, None])
         # pairs moved but not yet refreshed, in step order: (active, prepared, their F_bᵀθ_b after the step)
@@ -177,14 +198,14 @@ class RobustOracle(GradientOracle):
 
     def _prepare(self, active: Active) -> _Prepared:
         """Cache rows and module constants of the pairs, and per non-empty slab: the pairs' range [lo, hi), their
-        coordinates' range [a0, a1) in ``active.idx``, their seeds and module indices within the slab, the
+        coordinates' range [a0, a1) in the run concatenation, their seeds and module indices within the slab, the
         gathered F_bᵀ (hi − lo, m+r, size) and the slab's θ view.
 
         Kept for the last active set seen: grad_at, step and the next refresh all ask about the same one."""
         if active is self._prep_key:
             return self._prep_val
         mods, seeds = active.module, active.seed
-        if (mods[1:] < mods[:-1]).any():
+        if not active.sorted and (mods[1:] < mods[:-1]).any():
             raise ValueError("Active pairs must be sorted by module (see Active)")
         bounds = np.searchsorted(mods, self._slab_first).tolist()
         parts = []
@@ -250,7 +271,7 @@ class RobustOracle(GradientOracle):
         return sums[:, -1] + np.einsum("sr,sr->s", u, quad)
 
     def grad_at(self, active: Active, out: np.ndarray) -> np.ndarray:
-        if active.idx.size == 0:
+        if active.size == 0:
             return out
         self._flush()
         rows, _const, parts = self._prepare(active)
@@ -266,7 +287,7 @@ class RobustOracle(GradientOracle):
         return out
 
     def step(self, active: Active, delta: np.ndarray) -> None:
-        if active.idx.size == 0:
+        if active.size == 0:
             return
         prep = self._prepare(active)
         lin = np.empty((prep.rows.size, self._mr))

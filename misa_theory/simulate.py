@@ -134,28 +134,18 @@ class SimResult:
 
 
 class _Layout:
-    """Flat coordinate indices of every (seed, module) pair, so an active set becomes one gather index."""
+    """The problem's module geometry, so that an active mask becomes an :class:`~misa_theory.oracle.Active`."""
 
     def __init__(self, problem: Problem, n_seeds: int) -> None:
-        self.n = problem.n_params
         self.sizes = problem.sizes
         self.offsets = problem.offsets[:-1]
-        self._ramp = np.arange(n_seeds * self.n, dtype=np.int64)
 
     def gather(self, mask: np.ndarray) -> Active:
-        """For an active mask (S, M), the :class:`~misa_theory.oracle.Active` coordinates: flat index into (S·n),
-        seed and module id of each selected (seed, module) pair, start of each pair's run in the flat index.
-
-        Pairs are in (module, seed) order; module b of seed s covers s·n + offsets[b] + [0, n_b), so the index
-        is one ``repeat`` of the run starts plus a ramp, with no per-module Python work.
+        """The :class:`~misa_theory.oracle.Active` pairs of an active mask (S, M): seed and module of each selected
+        (seed, module) pair in (module, seed) order, its size and the start of its run (a cumulative sum), with
+        the flat index of the runs (one ``repeat`` of the run starts plus a ramp) left until something asks.
         """
-        sel_mod, sel_seed = np.nonzero(mask.T)
-        lens = self.sizes[sel_mod]
-        ends = np.cumsum(lens)
-        starts = ends - lens
-        shift = sel_seed * self.n + self.offsets[sel_mod] - starts
-        total = int(ends[-1]) if ends.size else 0
-        return Active(np.repeat(shift, lens) + self._ramp[:total], sel_seed, sel_mod, starts)
+        return Active.from_mask(mask, self.sizes, self.offsets)
 
 
 def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, seed: int = 0,
@@ -188,7 +178,13 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
     rng = np.random.Generator(np.random.SFC64([seed, ALL_RULES.index(rule)]))
     full = rule in BASELINES
     oracle = make_oracle(problem, problem.x0(S), active_fraction=1.0 if full else cfg.delta)
-    noise_scale = np.tile(cfg.sigma * problem.noise_std, S) if cfg.sigma > 0 else None  # σ·noise_std per flat index
+    noise_mod = noise_flat = None  # σ·noise_std per module where it is constant on modules (as Problem builds it)
+    if cfg.sigma > 0:
+        per_module = problem.noise_std[problem.offsets[:-1]]
+        if np.array_equal(np.repeat(per_module, problem.sizes), problem.noise_std):
+            noise_mod = cfg.sigma * per_module
+        else:
+            noise_flat = np.tile(cfg.sigma * problem.noise_std, S)
     layout = _Layout(problem, S)
     b1, b2, eps, T = cfg.beta1, cfg.beta2, cfg.eps, cfg.T
 
@@ -223,16 +219,17 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
                 target_pi[k] = sampler.target_inclusion()[0]
             mask = sampler.draw()
             active = layout.gather(mask)
-        act, sel_seed, sel_mod, starts = active.idx, active.seed, active.module, active.starts
+        sel_seed, sel_mod, starts = active.seed, active.module, active.starts
         if record_draws:
             draws.append(np.flatnonzero(mask[0]))
         counts += mask
-        size = act.size
+        size = active.size
         g, m, v, tmp, z = buf_g[:size], buf_m[:size], buf_v[:size], buf_t[:size], buf_z[:size]
 
         fresh = True  # m = v = 0 and c = 0 on every active coordinate
         if keep and size:
-            stay = np.repeat(prev[sel_seed, sel_mod], problem.sizes[sel_mod])
+            act = active.idx
+            stay = np.repeat(prev[sel_seed, sel_mod], active.lens)
             np.copyto(m, np.where(stay, m_full[act], 0.0))
             np.copyto(v, np.where(stay, v_full[act], 0.0))
             c1 = np.where(stay, c1_full[act], 1.0)
@@ -240,7 +237,11 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
             fresh = False
         else:
             c1, c2 = 1.0, 1.0
-        noise = noise_scale[act] if noise_scale is not None and size else None
+        noise = None
+        if size and noise_mod is not None:
+            noise = np.repeat(noise_mod[sel_mod], active.lens)
+        elif size and noise_flat is not None:
+            noise = noise_flat[active.idx]
         sq_acc = None
 
         for t in range(T):
@@ -278,16 +279,15 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
                 v += z
                 c1 = c1 * b1
                 c2 = c2 * b2
-            _adam_direction(m, v, c1, c2, eps, tmp)
-            tmp *= step
+            _adam_direction(m, v, c1, c2, eps, step, tmp)
             oracle.step(active, tmp)
 
         if size and rule != "sgd":
             if flush:
-                _adam_direction(m, v, c1, c2, eps, tmp)
-                tmp *= step * b1 / (1.0 - b1)
+                _adam_direction(m, v, c1, c2, eps, step * b1 / (1.0 - b1), tmp)
                 oracle.step(active, tmp)
             if keep:
+                act = active.idx
                 m_full[act], v_full[act] = m, v
                 c1_full[act], c2_full[act] = c1, c2
                 prev[:] = mask
@@ -302,14 +302,15 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
 
 
 def _adam_direction(m: np.ndarray, v: np.ndarray, c1: np.ndarray | float, c2: np.ndarray | float, eps: float,
-                    out: np.ndarray) -> np.ndarray:
-    """out = m̂/(√v̂ + ε) with m̂ = m/(1 − β₁^c), v̂ = v/(1 − β₂^c) (c1 = β₁^c, c2 = β₂^c), without temporaries
-    of the active set's size."""
+                    scale: float, out: np.ndarray) -> np.ndarray:
+    """out = scale·m̂/(√v̂ + ε) with m̂ = m/(1 − β₁^c), v̂ = v/(1 − β₂^c) (c1 = β₁^c, c2 = β₂^c), in four passes
+    over ``out`` (the bias correction of m and the scale are one multiply) and without temporaries of the active
+    set's size when c1 is a scalar."""
     np.divide(v, 1.0 - c2, out=out)
     np.sqrt(out, out=out)
     out += eps
     np.divide(m, out, out=out)
-    out /= 1.0 - c1
+    out *= scale / (1.0 - c1)
     return out
 
 

@@ -52,9 +52,10 @@ def test_robust_oracle_refuses_pairs_out_of_module_order():
     problem = RobustFeatures(n_layers=2, d=4, kv=2, ff=6)
     oracle = RobustOracle(problem, problem.x0(2))
     active = _Layout(problem, 2).gather(np.ones((2, problem.n_modules), dtype=bool))
-    swapped = Active(active.idx, active.seed[::-1].copy(), active.module[::-1].copy(), active.starts)
+    swapped = Active(active.seed[::-1].copy(), active.module[::-1].copy(), active.starts, active.lens[::-1].copy(),
+                     problem.offsets[:-1], problem.n_params)
     with pytest.raises(ValueError, match="sorted by module"):
-        oracle.grad_at(swapped, np.empty(active.idx.size))
+        oracle.grad_at(swapped, np.empty(active.size))
 
 
 def test_make_oracle_picks_incremental_only_where_it_pays():
