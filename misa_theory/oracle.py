@@ -37,7 +37,6 @@ each operation above is one batched product per slab on exact sizes: no padding,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import NamedTuple
 
 import numpy as np
 
@@ -72,9 +71,9 @@ class Active:
     @classmethod
     def from_mask(cls, mask: np.ndarray, sizes: np.ndarray, offsets: np.ndarray) -> Active:
         """The pairs of an active mask (S, M) over modules of ``sizes`` starting at ``offsets`` (M,) in θ's row."""
-        module, seed = np.nonzero(mask.T)
+        module, seed = mask.T.nonzero()
         lens = sizes[module]
-        ends = np.cumsum(lens)
+        ends = lens.cumsum()
         ends -= lens
         active = cls(seed, module, ends, lens, offsets, int(offsets[-1] + sizes[-1]))
         active.sorted = True
@@ -85,7 +84,7 @@ class Active:
         """(A,) flat indices into θ.reshape(-1), run after run: one ``repeat`` of the run starts plus a ramp."""
         if self._idx is None:
             shift = self.seed * self._n + self._offsets[self.module] - self.starts
-            self._idx = np.repeat(shift, self.lens) + np.arange(self.size)
+            self._idx = shift.repeat(self.lens) + np.arange(self.size)
         return self._idx
 
 
@@ -134,19 +133,18 @@ class DenseOracle(GradientOracle):
         self._g = None
 
 
-class _Prepared(NamedTuple):
-    """What :class:`RobustOracle` derives once per active set (see :meth:`RobustOracle._prepare`)."""
-
-    rows: np.ndarray  # (P,) cache row of each pair
-    const: np.ndarray  # (P, ·) the pairs' module constants
-    parts: list[tuple]  # per non-empty slab: (lo, hi, a0, a1, seeds, local, F_bᵀ gathered, θ view)
+#: What :meth:`RobustOracle._prepare` derives once per active set: the pairs' cache rows (P,), their module
+#: constants (P, ·) and per non-empty slab (lo, hi, a0, a1, seeds, local module indices, F_bᵀ gathered, θ view).
+_Prepared = tuple[np.ndarray, np.ndarray, list[tuple]]
 
 
 class RobustOracle(GradientOracle):
     """Incremental oracle for :class:`~misa_theory.problems.RobustFeatures` (see the module docstring).
 
     θ moves through :meth:`step` only, which also takes the products F_bᵀθ_b of the pairs it moved while their
-    coordinates are at hand; the rest of their refresh waits for the next query."""
+    coordinates are at hand; the rest of their refresh waits for the next query.  The per-step methods are
+    written for few interpreter operations: a block update costs some sixty small array operations, so Python
+    overhead is a large part of it."""
 
     def __init__(self, problem: RobustFeatures, theta: np.ndarray) -> None:
         super().__init__(problem, theta)
@@ -154,7 +152,7 @@ class RobustOracle(GradientOracle):
         S, M, m, r = self.theta.shape[0], p.n_modules, p.m, p.r
         mr = m + r
         self.S = S
-        self._mr = mr
+        self._m, self._r, self._mr, self._stride = m, r, mr, M + 1
         # per slab (a run of equal-sized modules): F_bᵀ = [A_b C_b]ᵀ of its modules, (count, m+r, size), and the
         # view θ[:, slab].reshape(S, count, size) in which pair (s, b)'s coordinates are one row
         self._slabs: list[tuple[int, int, np.ndarray, np.ndarray]] = []
@@ -191,8 +189,8 @@ class RobustOracle(GradientOracle):
         everything = Active.from_mask(np.ones((S, M), dtype=bool), p.sizes, p.offsets[:-1])
         prep = self._prepare(everything)
         lin = np.empty((everything.module.size, mr))
-        for lo, hi, _a0, _a1, seeds_j, local, f_g, view in prep.parts:
-            np.matmul(f_g, view[seeds_j, local][:, :, None], out=lin[lo:hi, :, None])
+        for lo, hi, _a0, _a1, seeds_j, local, f_g, view in prep[2]:
+            np.matmul(f_g, view[seeds_j, local][:, :, None], lin[lo:hi, :, None])
         # pairs moved but not yet refreshed, in step order: (active, prepared, their F_bᵀθ_b after the step)
         self._pending: list[tuple[Active, _Prepared, np.ndarray]] = [(everything, prep, lin)]
 
@@ -207,15 +205,16 @@ class RobustOracle(GradientOracle):
         mods, seeds = active.module, active.seed
         if not active.sorted and (mods[1:] < mods[:-1]).any():
             raise ValueError("Active pairs must be sorted by module (see Active)")
-        bounds = np.searchsorted(mods, self._slab_first).tolist()
+        bounds = mods.searchsorted(self._slab_first).tolist()
         parts = []
-        for j, (first, size, f_t, view) in enumerate(self._slabs):
-            lo, hi = bounds[j], bounds[j + 1]
+        a0 = 0  # module order: slab after slab, each pair of a slab with `size` coordinates
+        for (first, size, f_t, view), lo, hi in zip(self._slabs, bounds[:-1], bounds[1:], strict=True):
             if lo < hi:
                 local = mods[lo:hi] - first
-                a0 = int(active.starts[lo])
-                parts.append((lo, hi, a0, a0 + (hi - lo) * size, seeds[lo:hi], local, f_t[local], view))
-        val = _Prepared(seeds * (self.problem.n_modules + 1) + mods, self._const[mods], parts)
+                a1 = a0 + (hi - lo) * size
+                parts.append((lo, hi, a0, a1, seeds[lo:hi], local, f_t[local], view))
+                a0 = a1
+        val = (seeds * self._stride + mods, self._const[mods], parts)
         self._prep_key, self._prep_val = active, val
         return val
 
@@ -225,63 +224,63 @@ class RobustOracle(GradientOracle):
         (κ_b, 0) = (s_b/m·φ'(A_bᵀθ_b − y_b), 0) is elementwise on (lin − (y_b, 0)); K_b·(κ_b, 0) = (A_bᵀG_b, 2·P_b)
         and N_b = κ_bᵀA_bᵀG_b follow without touching the coordinates again."""
         rows, const, _parts = prep
-        m, mr = self.problem.m, self._mr
-        res = np.subtract(lin, const[:, :mr], out=lin)  # (residuals, T_b)
+        m, mr, r = self._m, self._mr, self._r
+        res = np.subtract(lin, const[:, :mr], lin)  # (residuals, T_b)
         den = res * res
         den += 1.0
         den *= den
-        kappa = np.divide(res, den, out=den)
+        kappa = np.divide(res, den, den)
         kappa *= const[:, mr:2 * mr]  # (κ_b, 0): the r columns past m are zeroed
         stats = np.empty((rows.size, self._stats.shape[2]))
-        stats[:, :mr - m] = res[:, m:]
-        kc = np.matmul(const[:, 2 * mr:].reshape(-1, mr, mr), kappa[:, :, None], out=stats[:, mr - m:-1, None])
-        np.matmul(kappa[:, None, :], kc, out=stats[:, -1:, None])
+        stats[:, :r] = res[:, m:]
+        kc = np.matmul(const[:, 2 * mr:].reshape(-1, mr, mr), kappa[:, :, None], stats[:, r:-1, None])
+        np.matmul(kappa[:, None, :], kc, stats[:, -1:, None])
         self._stat_rows[rows] = stats
         self._kappa[rows] = kappa
 
     def _flush(self) -> None:
         """Bring the cache up to date with θ: refresh the pairs moved since the last query, in step order (where
         two pending sets share a pair, the later one's products, taken after both steps, are the ones kept)."""
-        if self._pending:
-            for _active, prep, lin in self._pending:
-                self._refresh(prep, lin)
-            self._pending.clear()
-            self._u = None
+        for _active, prep, lin in self._pending:
+            self._refresh(prep, lin)
+        self._pending.clear()
+        self._u = None
 
-    def _coupling(self, sums: np.ndarray | None = None) -> np.ndarray:
-        """u = λ/r·φ'(Cᵀθ − z) per seed (S, r) from the cache (flushed); kept until the cache changes."""
-        if self._u is None:
-            if sums is None:
-                sums = np.matmul(self._ones, self._stats)
-            t = sums[:, :self.problem.r].copy()  # Cᵀθ − z
-            den = t * t
-            den += 1.0
-            den *= den
-            t /= den
-            t *= self._two_lam
-            self._u = t
-        return self._u
+    def _coupling(self, sums: np.ndarray) -> np.ndarray:
+        """u = λ/r·φ'(Cᵀθ − z) per seed (S, r) from the statistics' sums (flushed), kept until θ moves."""
+        t = sums[:, :self._r]  # Cᵀθ − z
+        den = t * t
+        den += 1.0
+        den *= den
+        u = np.divide(t, den, den)
+        u *= self._two_lam
+        self._u = u
+        return u
 
     def grad_sq(self) -> np.ndarray:
-        self._flush()
+        if self._pending:
+            self._flush()
         sums = np.matmul(self._ones, self._stats)  # (S, ·): Cᵀθ − z, Σ_b A_bᵀG_b, 2·Σ_b P_b, Σ_b N_b
-        u = self._coupling(sums)
-        quad = u @ self._q
+        u = self._coupling(sums) if self._u is None else self._u
+        quad = np.matmul(u, self._q)
         quad += sums[:, self._mr:-1]
-        return sums[:, -1] + np.einsum("sr,sr->s", u, quad)
+        quad *= u
+        return np.add.reduce(quad, 1) + sums[:, -1]
 
     def grad_at(self, active: Active, out: np.ndarray) -> np.ndarray:
         if active.size == 0:
             return out
-        self._flush()
+        if self._pending:
+            self._flush()
         rows, _const, parts = self._prepare(active)
+        u = self._u if self._u is not None else self._coupling(np.matmul(self._ones, self._stats))
         # ∇f on pair (s, b)'s coordinates is F_b·(κ_b, u_s): one coefficient row per pair, one product per slab
         coeff = self._kappa[rows]
-        coeff[:, self.problem.m:] = self._coupling()[active.seed]
+        coeff[:, self._m:] = u[active.seed]
         coeff = coeff[:, None, :]
         dst = out if out.flags.c_contiguous else np.empty(out.shape)
         for lo, hi, a0, a1, _seeds, _local, f_g, _view in parts:
-            np.matmul(coeff[lo:hi], f_g, out=dst[a0:a1].reshape(hi - lo, 1, -1))
+            np.matmul(coeff[lo:hi], f_g, dst[a0:a1].reshape(hi - lo, 1, -1))
         if dst is not out:
             out[...] = dst
         return out
@@ -290,15 +289,16 @@ class RobustOracle(GradientOracle):
         if active.size == 0:
             return
         prep = self._prepare(active)
-        lin = np.empty((prep.rows.size, self._mr))
-        for lo, hi, a0, a1, seeds, local, f_g, view in prep.parts:
+        lin = np.empty((prep[0].size, self._mr))
+        for lo, hi, a0, a1, seeds, local, f_g, view in prep[2]:
             blk = view[seeds, local]  # the pairs' θ rows
             blk -= delta[a0:a1].reshape(hi - lo, -1)
             view[seeds, local] = blk
-            np.matmul(f_g, blk[:, :, None], out=lin[lo:hi, :, None])
-        if self._pending and self._pending[-1][0] is active:
-            self._pending.pop()  # the same pairs again: this step's products supersede the last one's
-        self._pending.append((active, prep, lin))
+            np.matmul(f_g, blk[:, :, None], lin[lo:hi, :, None])
+        pending = self._pending
+        if pending and pending[-1][0] is active:
+            pending.pop()  # the same pairs again: this step's products supersede the last one's
+        pending.append((active, prep, lin))
         self._u = None
 
 

@@ -239,7 +239,7 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
             c1, c2 = 1.0, 1.0
         noise = None
         if size and noise_mod is not None:
-            noise = np.repeat(noise_mod[sel_mod], active.lens)
+            noise = noise_mod[sel_mod].repeat(active.lens)
         elif size and noise_flat is not None:
             noise = noise_flat[active.idx]
         sq_acc = None
