@@ -54,30 +54,30 @@ class Active:
     A.  Module b of seed s covers the flat indices s·n + offsets[b] + [0, n_b) of θ.reshape(-1); ``idx`` (A,)
     lists them run after run (computed on first use: the simulator and :class:`RobustOracle` work per pair and
     per slab and never need it).  The module-major order puts the pairs of equal-sized neighbouring modules
-    next to each other, so :class:`RobustOracle` handles each such slab as one batched product; ``sorted`` says
+    next to each other, so :class:`RobustOracle` handles each such slab as one batched product; ``ordered`` says
     the order is known (:meth:`from_mask` builds it so), otherwise RobustOracle checks it.
     """
 
-    __slots__ = ("seed", "module", "starts", "lens", "size", "sorted", "_offsets", "_n", "_idx")
+    __slots__ = ("seed", "module", "starts", "lens", "size", "ordered", "_offsets", "_n", "_idx")
 
     def __init__(self, seed: np.ndarray, module: np.ndarray, starts: np.ndarray, lens: np.ndarray,
-                 offsets: np.ndarray, n: int) -> None:
+                 offsets: np.ndarray, n: int, size: int | None = None, ordered: bool = False) -> None:
         self.seed, self.module, self.starts, self.lens = seed, module, starts, lens
-        self.size = int(starts[-1] + lens[-1]) if lens.size else 0
+        self.size = size if size is not None else (int(starts[-1] + lens[-1]) if lens.size else 0)
         self._offsets, self._n = offsets, n
         self._idx: np.ndarray | None = None
-        self.sorted = False  # known to be in module order (set by from_mask, which builds it so)
+        self.ordered = ordered  # known to be in module order (from_mask builds it so)
 
     @classmethod
-    def from_mask(cls, mask: np.ndarray, sizes: np.ndarray, offsets: np.ndarray) -> Active:
-        """The pairs of an active mask (S, M) over modules of ``sizes`` starting at ``offsets`` (M,) in θ's row."""
+    def from_mask(cls, mask: np.ndarray, sizes: np.ndarray, offsets: np.ndarray, n: int) -> Active:
+        """The pairs of an active mask (S, M) over modules of ``sizes`` starting at ``offsets`` (M,) in rows of
+        θ of length n."""
         module, seed = mask.T.nonzero()
         lens = sizes[module]
         ends = lens.cumsum()
+        size = int(ends[-1]) if ends.size else 0
         ends -= lens
-        active = cls(seed, module, ends, lens, offsets, int(offsets[-1] + sizes[-1]))
-        active.sorted = True
-        return active
+        return cls(seed, module, ends, lens, offsets, n, size, True)
 
     @property
     def idx(self) -> np.ndarray:
@@ -134,8 +134,9 @@ class DenseOracle(GradientOracle):
 
 
 #: What :meth:`RobustOracle._prepare` derives once per active set: the pairs' cache rows (P,), their module
-#: constants (P, ·) and per non-empty slab (lo, hi, a0, a1, seeds, local module indices, F_bᵀ gathered, θ view).
-_Prepared = tuple[np.ndarray, np.ndarray, list[tuple]]
+#: constants (y_b, 0), (2·s_b/m, 0) (P, m+r) and K_b (P, m+r, m+r), and per non-empty slab (lo, hi, a0, a1,
+#: seeds, local module indices, F_bᵀ gathered, θ view).
+_Prepared = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple]]
 
 
 class RobustOracle(GradientOracle):
@@ -172,6 +173,7 @@ class RobustOracle(GradientOracle):
             k[:, m:] *= 2.0
             const[:, 2 * mr:] = k.reshape(count, -1)
         self._slab_first = np.array([s[0] for s in self._slabs] + [M])
+        self._local = np.arange(M) - np.repeat(self._slab_first[:-1], np.diff(self._slab_first))  # index in slab
         self._q = p._c.T @ p._c
         self._two_lam = 2.0 * p.coupling / r
         # The cache, row s·(M+1) + b for pair (s, b): (κ_b, 0) (m+r) for grad_at, and the statistics
@@ -186,10 +188,10 @@ class RobustOracle(GradientOracle):
         self._u: np.ndarray | None = None
         self._prep_key: Active | None = None
         self._prep_val: _Prepared | None = None
-        everything = Active.from_mask(np.ones((S, M), dtype=bool), p.sizes, p.offsets[:-1])
+        everything = Active.from_mask(np.ones((S, M), dtype=bool), p.sizes, p.offsets[:-1], p.n_params)
         prep = self._prepare(everything)
         lin = np.empty((everything.module.size, mr))
-        for lo, hi, _a0, _a1, seeds_j, local, f_g, view in prep[2]:
+        for lo, hi, _a0, _a1, seeds_j, local, f_g, view in prep[-1]:
             np.matmul(f_g, view[seeds_j, local][:, :, None], lin[lo:hi, :, None])
         # pairs moved but not yet refreshed, in step order: (active, prepared, their F_bᵀθ_b after the step)
         self._pending: list[tuple[Active, _Prepared, np.ndarray]] = [(everything, prep, lin)]
@@ -203,18 +205,22 @@ class RobustOracle(GradientOracle):
         if active is self._prep_key:
             return self._prep_val
         mods, seeds = active.module, active.seed
-        if not active.sorted and (mods[1:] < mods[:-1]).any():
+        if not active.ordered and (mods[1:] < mods[:-1]).any():
             raise ValueError("Active pairs must be sorted by module (see Active)")
         bounds = mods.searchsorted(self._slab_first).tolist()
+        local_all = self._local[mods]
         parts = []
         a0 = 0  # module order: slab after slab, each pair of a slab with `size` coordinates
-        for (first, size, f_t, view), lo, hi in zip(self._slabs, bounds[:-1], bounds[1:], strict=True):
+        for (_first, size, f_t, view), lo, hi in zip(self._slabs, bounds[:-1], bounds[1:], strict=True):
             if lo < hi:
-                local = mods[lo:hi] - first
+                local = local_all[lo:hi]
                 a1 = a0 + (hi - lo) * size
                 parts.append((lo, hi, a0, a1, seeds[lo:hi], local, f_t[local], view))
                 a0 = a1
-        val = (seeds * self._stride + mods, self._const[mods], parts)
+        mr = self._mr
+        const = self._const[mods]
+        val = (seeds * self._stride + mods, const[:, :mr], const[:, mr:2 * mr], const[:, 2 * mr:].reshape(-1, mr, mr),
+               parts)
         self._prep_key, self._prep_val = active, val
         return val
 
@@ -223,17 +229,17 @@ class RobustOracle(GradientOracle):
 
         (κ_b, 0) = (s_b/m·φ'(A_bᵀθ_b − y_b), 0) is elementwise on (lin − (y_b, 0)); K_b·(κ_b, 0) = (A_bᵀG_b, 2·P_b)
         and N_b = κ_bᵀA_bᵀG_b follow without touching the coordinates again."""
-        rows, const, _parts = prep
-        m, mr, r = self._m, self._mr, self._r
-        res = np.subtract(lin, const[:, :mr], lin)  # (residuals, T_b)
+        rows, y, w, k, _parts = prep
+        m, r = self._m, self._r
+        res = np.subtract(lin, y, lin)  # (residuals, T_b)
         den = res * res
         den += 1.0
         den *= den
         kappa = np.divide(res, den, den)
-        kappa *= const[:, mr:2 * mr]  # (κ_b, 0): the r columns past m are zeroed
+        kappa *= w  # (κ_b, 0): the r columns past m are zeroed
         stats = np.empty((rows.size, self._stats.shape[2]))
         stats[:, :r] = res[:, m:]
-        kc = np.matmul(const[:, 2 * mr:].reshape(-1, mr, mr), kappa[:, :, None], stats[:, r:-1, None])
+        kc = np.matmul(k, kappa[:, :, None], stats[:, r:-1, None])
         np.matmul(kappa[:, None, :], kc, stats[:, -1:, None])
         self._stat_rows[rows] = stats
         self._kappa[rows] = kappa
@@ -272,7 +278,8 @@ class RobustOracle(GradientOracle):
             return out
         if self._pending:
             self._flush()
-        rows, _const, parts = self._prepare(active)
+        prep = self._prepare(active)
+        rows, parts = prep[0], prep[-1]
         u = self._u if self._u is not None else self._coupling(np.matmul(self._ones, self._stats))
         # ∇f on pair (s, b)'s coordinates is F_b·(κ_b, u_s): one coefficient row per pair, one product per slab
         coeff = self._kappa[rows]
@@ -290,7 +297,7 @@ class RobustOracle(GradientOracle):
             return
         prep = self._prepare(active)
         lin = np.empty((prep[0].size, self._mr))
-        for lo, hi, a0, a1, seeds, local, f_g, view in prep[2]:
+        for lo, hi, a0, a1, seeds, local, f_g, view in prep[-1]:
             blk = view[seeds, local]  # the pairs' θ rows
             blk -= delta[a0:a1].reshape(hi - lo, -1)
             view[seeds, local] = blk

@@ -139,13 +139,14 @@ class _Layout:
     def __init__(self, problem: Problem, n_seeds: int) -> None:
         self.sizes = problem.sizes
         self.offsets = problem.offsets[:-1]
+        self.n = problem.n_params
 
     def gather(self, mask: np.ndarray) -> Active:
         """The :class:`~misa_theory.oracle.Active` pairs of an active mask (S, M): seed and module of each selected
         (seed, module) pair in (module, seed) order, its size and the start of its run (a cumulative sum), with
         the flat index of the runs (one ``repeat`` of the run starts plus a ramp) left until something asks.
         """
-        return Active.from_mask(mask, self.sizes, self.offsets)
+        return Active.from_mask(mask, self.sizes, self.offsets, self.n)
 
 
 def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, seed: int = 0,
@@ -196,8 +197,11 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
         m_full, v_full = np.zeros(S * n), np.zeros(S * n)
         c1_full, c2_full = np.ones(S * n), np.ones(S * n)  # β₁^c, β₂^c per coordinate
         prev = np.zeros((S, M), dtype=bool)
-    step = cfg.alpha if rule != "sgd" else (cfg.sgd_alpha if cfg.sgd_alpha is not None else cfg.alpha)
+    sgd = rule == "sgd"
+    step = cfg.alpha if not sgd else (cfg.sgd_alpha if cfg.sgd_alpha is not None else cfg.alpha)
     flush = cfg.momentum_flush and not full
+    one_b1, one_b2 = 1.0 - b1, 1.0 - b2
+    gather = layout.gather
 
     grad_sq = np.empty((K + 1, S))
     counts = np.zeros((S, M), dtype=np.int64)
@@ -218,7 +222,7 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
             if target_pi is not None:
                 target_pi[k] = sampler.target_inclusion()[0]
             mask = sampler.draw()
-            active = layout.gather(mask)
+            active = gather(mask)
         sel_seed, sel_mod, starts = active.seed, active.module, active.starts
         if record_draws:
             draws.append(np.flatnonzero(mask[0]))
@@ -249,40 +253,40 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
                 grad_sq[k] = oracle.grad_sq()
             if size == 0:
                 continue
-            oracle.grad_at(active, out=g)
+            oracle.grad_at(active, g)
             if noise is not None:
                 rng.standard_normal(out=z)
                 z *= noise
                 g += z
-            np.multiply(g, g, out=z)  # g², reused by the norms and by v
+            np.multiply(g, g, z)  # g², reused by the norms and by v
             sq = np.add.reduceat(z, starts)
             if sq_acc is None:
                 sq_acc = sq
             else:
                 sq_acc += sq
-            if rule == "sgd":
+            if sgd:
                 g *= step
                 oracle.step(active, g)
                 continue
             if fresh and t == 0:
                 # β·0 + (1 − β)·x is exactly (1 − β)·x and β·1 is β: the general update below, without the
                 # zero fill and the two passes that multiply and add zeros
-                np.multiply(g, 1.0 - b1, out=m)
-                np.multiply(z, 1.0 - b2, out=v)
+                np.multiply(g, one_b1, m)
+                np.multiply(z, one_b2, v)
                 c1, c2 = b1, b2
             else:
                 m *= b1
-                np.multiply(g, 1.0 - b1, out=tmp)
+                np.multiply(g, one_b1, tmp)
                 m += tmp
                 v *= b2
-                z *= 1.0 - b2
+                z *= one_b2
                 v += z
                 c1 = c1 * b1
                 c2 = c2 * b2
             _adam_direction(m, v, c1, c2, eps, step, tmp)
             oracle.step(active, tmp)
 
-        if size and rule != "sgd":
+        if size and not sgd:
             if flush:
                 _adam_direction(m, v, c1, c2, eps, step * b1 / (1.0 - b1), tmp)
                 oracle.step(active, tmp)
