@@ -66,14 +66,32 @@ def test_make_oracle_picks_incremental_only_where_it_pays():
     assert isinstance(make_oracle(mlp, mlp.x0(2), active_fraction=0.03), DenseOracle)
 
 
-def test_simulation_with_incremental_oracle_starts_on_the_dense_trajectory(monkeypatch):
-    """Same run through both oracles: equal to rounding until the sampler's discrete draws may diverge."""
+@pytest.mark.parametrize("T, keep, flush", [(2, False, False), (1, False, False), (3, True, True), (1, False, True)])
+def test_simulation_with_incremental_oracle_starts_on_the_dense_trajectory(monkeypatch, T, keep, flush):
+    """Same run through both oracles: equal to rounding until the sampler's discrete draws may diverge (kept
+    state and the momentum flush's second step on the same set included)."""
     import misa_theory.simulate as sim
 
     problem = RobustFeatures(n_layers=6, d=8, kv=4, ff=16)
-    cfg = SimConfig(alpha=0.01, T=2, delta=0.05, sigma=0.05)
+    cfg = SimConfig(alpha=0.01, T=T, delta=0.05, sigma=0.05, keep_state=keep, momentum_flush=flush)
     fast = simulate(problem, "misa", 8, 3, cfg, seed=4)
     monkeypatch.setattr(sim, "make_oracle", lambda p, theta, active_fraction=1.0: DenseOracle(p, theta))
     dense = simulate(problem, "misa", 8, 3, cfg, seed=4)
     np.testing.assert_allclose(fast.grad_sq, dense.grad_sq, rtol=1e-9)
     np.testing.assert_array_equal(fast.inclusion_counts, dense.inclusion_counts)
+
+
+def test_active_from_mask_lists_pairs_by_module_with_their_runs():
+    problem = RobustFeatures(n_layers=2, d=4, kv=2, ff=6)
+    rng = np.random.default_rng(0)
+    S, n = 3, problem.n_params
+    mask = rng.random((S, problem.n_modules)) < 0.4
+    active = Active.from_mask(mask, problem.sizes, problem.offsets[:-1], n)
+    pairs = sorted((b, s) for s, b in zip(*np.nonzero(mask), strict=True))
+    assert list(zip(active.module.tolist(), active.seed.tolist(), strict=True)) == pairs
+    want = np.concatenate([s * n + np.arange(problem.offsets[b], problem.offsets[b + 1]) for b, s in pairs])
+    np.testing.assert_array_equal(active.idx, want)
+    assert active.size == want.size and active.ordered
+    np.testing.assert_array_equal(active.starts, np.cumsum(active.lens) - active.lens)
+    empty = Active.from_mask(np.zeros_like(mask), problem.sizes, problem.offsets[:-1], n)
+    assert empty.size == 0 and empty.idx.size == 0
