@@ -175,7 +175,7 @@ class RobustOracle(GradientOracle):
         self._slab_first = np.array([s[0] for s in self._slabs] + [M])
         self._local = np.arange(M) - np.repeat(self._slab_first[:-1], np.diff(self._slab_first))  # index in slab
         self._q = p._c.T @ p._c
-        self._two_lam = 2.0 * p.coupling / r
+        self._two_lam = 2.0 * p.coupling / r  # u = λ/r·φ'(t) = (2λ/r)·t/(1+t²)²
         # The cache, row s·(M+1) + b for pair (s, b): (κ_b, 0) (m+r) for grad_at, and the statistics
         # T_b = C_bᵀθ_b (r) | A_bᵀG_b (m) | 2·P_b (r) | N_b for grad_sq.  Each seed has one more statistics row,
         # 0 but for T = −z, so that one product summing a seed's rows gives Cᵀθ − z, Σ_b N_b and 2·Σ_b P_b at

@@ -27,8 +27,10 @@ gradient evaluations per block update (the sampled rules touch only ⌊δN⌋ pa
 Vectorisation: all seeds advance together as arrays of shape (S, n), and one
 :class:`~misa_theory.sampler.ModuleSampler` with ``streams=S`` (seeded ``seed·1000``) draws the active sets
 of all seeds in one call per block update (a mask (S, M)) and takes all their observations in one call.  The
-active coordinates of all seeds are gathered into one flat index per period (pairs in (module, seed) order, a
-``repeat`` of run starts, no per-module loop), so the Adam arithmetic and the noise cost O(S·δ·n) per step in
+active coordinates of all seeds are one concatenation of runs per period (an
+:class:`~misa_theory.oracle.Active`: pairs in (module, seed) order, run starts by a cumulative sum, no
+per-module loop; its flat index into θ, one ``repeat`` of the run starts, is built only where something needs
+it: the dense oracle, kept optimizer state), so the Adam arithmetic and the noise cost O(S·δ·n) per step in
 preallocated buffers; each step's noise variates are drawn in that coordinate order.
 Gradients come from :func:`~misa_theory.oracle.make_oracle`: dense (O(S·n) per step) for any problem, and
 for ``robust`` at δ ≤ 0.1 an exact incremental oracle that recomputes only the modules that moved.  The
