@@ -153,7 +153,7 @@ class RobustOracle(GradientOracle):
         S, M, m, r = self.theta.shape[0], p.n_modules, p.m, p.r
         mr = m + r
         self.S = S
-        self._m, self._r, self._mr, self._stride = m, r, mr, M + 1
+        self._m, self._r, self._mr, self._S = m, r, mr, S
         # per slab (a run of equal-sized modules): F_bᵀ = [A_b C_b]ᵀ of its modules, (count, m+r, size), and the
         # view θ[:, slab].reshape(S, count, size) in which pair (s, b)'s coordinates are one row
         self._slabs: list[tuple[int, int, np.ndarray, np.ndarray]] = []
@@ -176,14 +176,15 @@ class RobustOracle(GradientOracle):
         self._local = np.arange(M) - np.repeat(self._slab_first[:-1], np.diff(self._slab_first))  # index in slab
         self._q = p._c.T @ p._c
         self._two_lam = 2.0 * p.coupling / r  # u = λ/r·φ'(t) = (2λ/r)·t/(1+t²)²
-        # The cache, row s·(M+1) + b for pair (s, b): (κ_b, 0) (m+r) for grad_at, and the statistics
-        # T_b = C_bᵀθ_b (r) | A_bᵀG_b (m) | 2·P_b (r) | N_b for grad_sq.  Each seed has one more statistics row,
-        # 0 but for T = −z, so that one product summing a seed's rows gives Cᵀθ − z, Σ_b N_b and 2·Σ_b P_b at
-        # once (the A_bᵀG_b sums are not read; keeping them lets K_b·κ_b land in place).
-        self._stats = np.zeros((S, M + 1, 2 * r + m + 1))
-        self._stats[:, M, :r] = -p._z
-        self._stat_rows = self._stats.reshape(S * (M + 1), -1)
-        self._kappa = np.zeros((S * (M + 1), mr))
+        # The cache, row b·S + s for pair (s, b): (κ_b, 0) (m+r) for grad_at, and the statistics
+        # T_b = C_bᵀθ_b (r) | A_bᵀG_b (m) | 2·P_b (r) | N_b for grad_sq.  A last module row holds 0 but T = −z
+        # for every seed, so that one product over the module axis gives every seed's Cᵀθ − z, Σ_b N_b and
+        # 2·Σ_b P_b at once (the A_bᵀG_b sums are not read; keeping them lets K_b·κ_b land in place).
+        width = 2 * r + m + 1
+        self._stats = np.zeros((M + 1, S * width))  # module-major: the sum is one matrix-vector product
+        self._stats.reshape(M + 1, S, width)[M, :, :r] = -p._z
+        self._stat_rows = self._stats.reshape((M + 1) * S, width)
+        self._kappa = np.zeros(((M + 1) * S, mr))
         self._ones = np.ones(M + 1)
         self._u: np.ndarray | None = None
         self._prep_key: Active | None = None
@@ -219,7 +220,7 @@ class RobustOracle(GradientOracle):
                 a0 = a1
         mr = self._mr
         const = self._const.take(mods, 0)  # take: 2-3× cheaper than fancy indexing for row gathers
-        val = (seeds * self._stride + mods, const[:, :mr], const[:, mr:2 * mr], const[:, 2 * mr:].reshape(-1, mr, mr),
+        val = (mods * self._S + seeds, const[:, :mr], const[:, mr:2 * mr], const[:, 2 * mr:].reshape(-1, mr, mr),
                parts)
         self._prep_key, self._prep_val = active, val
         return val
@@ -237,7 +238,7 @@ class RobustOracle(GradientOracle):
         den *= den
         kappa = np.divide(res, den, den)
         kappa *= w  # (κ_b, 0): the r columns past m are zeroed
-        stats = np.empty((rows.size, self._stats.shape[2]))
+        stats = np.empty((rows.size, self._stat_rows.shape[1]))
         stats[:, :r] = res[:, m:]
         kc = np.matmul(k, kappa[:, :, None], stats[:, r:-1, None])
         np.matmul(kappa[:, None, :], kc, stats[:, -1:, None])
@@ -263,10 +264,14 @@ class RobustOracle(GradientOracle):
         self._u = u
         return u
 
+    def _sums(self) -> np.ndarray:
+        """(S, ·): per seed, Cᵀθ − z, Σ_b A_bᵀG_b, 2·Σ_b P_b, Σ_b N_b (the statistics summed over modules)."""
+        return np.matmul(self._ones, self._stats).reshape(self._S, -1)
+
     def grad_sq(self) -> np.ndarray:
         if self._pending:
             self._flush()
-        sums = np.matmul(self._ones, self._stats)  # (S, ·): Cᵀθ − z, Σ_b A_bᵀG_b, 2·Σ_b P_b, Σ_b N_b
+        sums = self._sums()
         u = self._coupling(sums) if self._u is None else self._u
         quad = np.matmul(u, self._q)
         quad += sums[:, self._mr:-1]
@@ -280,7 +285,7 @@ class RobustOracle(GradientOracle):
             self._flush()
         prep = self._prepare(active)
         rows, parts = prep[0], prep[-1]
-        u = self._u if self._u is not None else self._coupling(np.matmul(self._ones, self._stats))
+        u = self._u if self._u is not None else self._coupling(self._sums())
         # ∇f on pair (s, b)'s coordinates is F_b·(κ_b, u_s): one coefficient row per pair, one product per slab
         coeff = self._kappa.take(rows, 0)
         coeff[:, self._m:] = u.take(active.seed, 0)
