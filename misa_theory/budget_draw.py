@@ -99,9 +99,11 @@ class BudgetDraw:
         R, U = pi.shape
         C = self.class_sizes.size
         forced = pi >= 1.0 - _TOL
-        p = np.where(forced, 0.0, pi)
-        p[p < _TOL] = 0.0
-        left = self.budget - forced @ self._fsizes
+        any_forced = forced.any()
+        p, left = pi, float(self.budget)
+        if any_forced:
+            p = np.where(forced, 0.0, pi)
+            left = left - forced @ self._fsizes
         expected = p @ self.onehot
         counts = np.floor(expected + _TOL)
         frac = expected - counts  # in [−TOL, 1 − TOL]
@@ -138,7 +140,8 @@ class BudgetDraw:
         before[:, self._block_starts] = 0.0
         chosen = np.empty((R, U), dtype=bool)
         chosen.reshape(-1)[flat.reshape(-1)] = (hits > before).reshape(-1)
-        chosen |= forced
+        if any_forced:
+            chosen |= forced
         return chosen
 
     def _rows(self, R: int) -> np.ndarray:

@@ -279,7 +279,7 @@ class ModuleSampler:
         if self.rule in LAYER_RULES:
             rows, cols = np.nonzero(mask)
             self._visited[rows, self._unit_of[cols]] = True
-        else:
+        elif not self._all_explored:
             self._visited |= mask
 
     # ------------------------------------------------------------------ targets
@@ -412,7 +412,8 @@ class ModuleSampler:
                     self._last[rows] = pi[:, self._unit_of]
                 for s in np.flatnonzero(exploring):
                     units[s, self._draw_explore(s)] = True
-        self._visited |= units
+        if not self._all_explored:  # afterwards every unit is visited
+            self._visited |= units
         self.n_draws += 1
         if np.any(units @ self._fsizes > self.budget):  # guaranteed by construction; keep memory safe anyway
             raise AssertionError("ModuleSampler drew over budget; please report this as a bug")
