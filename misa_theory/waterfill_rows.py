@@ -85,9 +85,12 @@ def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -> np.
 def waterfill_rows_floor0(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -> np.ndarray:
     r""":func:`waterfill_rows` at floor 0 with the free set given by the rates: r_su > 0 exactly on the units
     row s may spend on (zero elsewhere), so there is no mask to apply.  Shapes as there."""
-    with np.errstate(divide="ignore", invalid="ignore"):  # rows without a positive rate: checked below
-        x = (budget / (rates @ sizes))[:, None] * rates
-    if x.max() < 1.0:  # nothing capped (NaN rows fail this): π ∝ r, and Σ_{r>0} N > budget follows
+    den = rates @ sizes
+    with np.errstate(divide="ignore", invalid="ignore"):  # rows without a positive rate: NaN, fixed below
+        x = (budget / den)[:, None] * rates
+    if np.fmax.reduce(x, axis=None) < 1.0:  # nothing capped (fmax skips NaN): π ∝ r, Σ_{r>0} N > budget
+        if not den.all():
+            x[den == 0.0] = 0.0  # rows with no free unit (settled rows of a later pass)
         return x
     pos = rates > 0
     spend = (pos @ sizes) <= budget  # every positive rate fits whole: π = 1 there, 0 elsewhere
