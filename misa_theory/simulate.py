@@ -33,7 +33,7 @@ per-module loop; its flat index into θ, one ``repeat`` of the run starts, is bu
 it: the dense oracle, kept optimizer state), so the Adam arithmetic and the noise cost O(S·δ·n) per step in
 preallocated buffers; each step's noise variates are drawn in that coordinate order.
 Gradients come from :func:`~misa_theory.oracle.make_oracle`: dense (O(S·n) per step) for any problem, and
-for ``robust`` at δ ≤ 0.1 an exact incremental oracle that recomputes only the modules that moved.  The
+for ``robust`` at δ ≤ 0.3 an exact incremental oracle that recomputes only the modules that moved.  The
 oracle changes nothing but rounding (≈1e-15 relative), which the sampler's discrete draws can amplify into a
 different but equally distributed trajectory.  Deterministic under ``seed``.
 """
