@@ -198,15 +198,23 @@ class Dist:
 
             tdist.barrier()
 
-    def close(self) -> None:
-        """Destroy the process group (idempotent; safe after a failure)."""
+    def close(self, failed: bool = False) -> None:
+        """Destroy the process group (idempotent; safe after a failure).
+
+        After a failure under NCCL the group is *aborted* instead: a peer may sit in a collective this rank
+        never joined, and destroying the group waits for that work, so the failed rank would hang instead of
+        exiting (torchrun stops the other ranks once one exits non-zero)."""
         if not self.sharded:
             return
         import torch.distributed as tdist
 
         if tdist.is_available() and tdist.is_initialized():
             try:
-                tdist.destroy_process_group()
+                abort = getattr(tdist.distributed_c10d, "_abort_process_group", None)
+                if failed and self.backend == "nccl" and abort is not None:
+                    abort()
+                else:
+                    tdist.destroy_process_group()
             except Exception:  # noqa: BLE001 - teardown after a peer died must not mask the real error
                 pass
 
@@ -372,6 +380,10 @@ def setup(cfg: Any) -> Dist:
                                f"set {ENV_BACKEND}=gloo for CPU processes")
     kw: dict[str, Any] = {}
     if backend == "nccl":
+        # select this rank's GPU before anything touches CUDA: collectives on objects (the run-folder broadcast,
+        # the active-set hash check) place their buffers on the *current* device, which is cuda:0 on every
+        # rank until set; NCCL then refuses rank r's tensor on cuda:0 and rank 0 waits for it forever
+        torch.cuda.set_device(local_rank)
         kw["device_id"] = torch.device("cuda", local_rank)  # eager NCCL init: failures surface here
     try:
         tdist.init_process_group(backend, timeout=timeout, world_size=world, rank=rank, **kw)

@@ -208,8 +208,10 @@ class ActiveAdamW:
         low = [(self._params[n].detach(), st["master"]) for n, st in zip(names, states, strict=True)
                if "master" in st]
         if low:
-            # the low-precision weight the forward pass uses is the rounding of the fp32 master
-            torch._foreach_copy_([w for w, _ in low], [m for _, m in low])
+            # the low-precision weight the forward pass uses is the rounding of the fp32 master; under FSDP both
+            # are DTensors with the same sharding, and DTensor has no rule for _foreach_copy_ (torch 2.11), so
+            # the copy runs shard to shard
+            torch._foreach_copy_([_local(w) for w, _ in low], [_local(m) for _, m in low])
 
     @torch.no_grad()
     def scale_grads_(self, factors: Mapping[str, float]) -> None:
@@ -281,6 +283,11 @@ def per_tensor_sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     dev = tensors[0].device
     norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
     return torch.stack([t.to(dev, non_blocking=True) for t in norms]).square()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writing it writes the DTensor); any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -244,10 +244,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     Under torchrun (WORLD_SIZE > 1) every rank runs this; see misa_train/distributed.py.
     """
     dist = distributed.setup(dataclasses.replace(cfg).validate())
-    try:  # the process group is destroyed whatever happens, so no peer waits on a dead rank
-        return _run(cfg, dist, distributed.reporter(dist, report))
+    failed = True
+    try:  # the process group is closed whatever happens, so no peer waits on a dead rank
+        summary = _run(cfg, dist, distributed.reporter(dist, report))
+        failed = False
+        return summary
     finally:
-        dist.close()
+        dist.close(failed=failed)
 
 
 def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any]:

@@ -205,3 +205,68 @@ def test_bad_world_configurations_are_refused(monkeypatch, tmp_path):
     single = distributed.Dist()
     batch = {"input_ids": torch.arange(8).view(4, 2)}
     assert single.local_batch(batch) is batch and not single.sharded and single.is_main
+
+
+def test_nccl_setup_selects_the_local_gpu_before_the_process_group(monkeypatch, tmp_path):
+    """Object collectives (the run-folder broadcast) use the current CUDA device: it must be cuda:LOCAL_RANK
+    before the group exists, or rank 1's buffer lands on cuda:0 and NCCL refuses it (seen on 2 H200s)."""
+    import torch.distributed as tdist
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tdist, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+
+    def fake_init(backend, **kw):
+        calls.append(("init", backend, kw.get("device_id")))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(tdist, "init_process_group", fake_init)
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(distributed.ENV_BACKEND, "nccl")
+    with pytest.raises(distributed.DistributedError, match="nccl process group init failed on rank 1 of 2"):
+        distributed.setup(tiny_config(Path("."), Path("."), tmp_path))
+    assert calls == [("set_device", 1), ("init", "nccl", torch.device("cuda", 1))]
+
+
+def test_a_failed_nccl_rank_aborts_its_group_instead_of_waiting_for_peers(monkeypatch):
+    """destroy_process_group waits for collectives a dead peer never joins; after a failure NCCL aborts."""
+    import torch.distributed as tdist
+
+    seen: list[str] = []
+    monkeypatch.setattr(tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tdist, "destroy_process_group", lambda: seen.append("destroy"))
+    monkeypatch.setattr(tdist.distributed_c10d, "_abort_process_group", lambda: seen.append("abort"))
+    nccl, gloo = distributed.Dist(2, 0, 0, "nccl"), distributed.Dist(2, 0, 0, "gloo")
+    nccl.close(failed=True)
+    nccl.close()
+    gloo.close(failed=True)
+    assert seen == ["abort", "destroy", "destroy"]
+
+
+def test_bf16_masters_are_rounded_back_into_sharded_weights(tmp_path):
+    """Under FSDP a bf16 weight and its fp32 master are DTensors; DTensor has no rule for _foreach_copy_, so
+    the optimizer copies shard to shard (the 2-H200 run stopped here; the fp32 CPU runs never copy)."""
+    import torch.distributed as tdist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from misa_train.optim import ActiveAdamW
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False)).to(torch.bfloat16)
+        fully_shard(net, mesh=init_device_mesh("cpu", (1,)))
+        weight = net[0].weight
+        assert hasattr(weight, "to_local")  # a DTensor
+        opt = ActiveAdamW([("w", weight)])
+        opt.set_active(["w"])
+        before = weight.detach().full_tensor().float().clone()
+        weight.grad = torch.distributed.tensor.distribute_tensor(
+            torch.ones(4, 4, dtype=torch.bfloat16), weight.device_mesh, weight.placements)
+        opt.step(0.1)
+        after = weight.detach().full_tensor().float()
+        np.testing.assert_allclose((before - after).numpy(), 0.1, rtol=0.02)  # Adam's first step: lr·sign(g)
+    finally:
+        tdist.destroy_process_group()
