@@ -134,6 +134,19 @@ def model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     against the LM head's weight, so full logits are never formed. Models whose head has a bias or whose
     logits are soft-capped (Gemma 2) fall back to ``model(**batch).loss``, which equals it otherwise.
     """
+    parts = chunk_parts(model)
+    if parts is None:
+        labels = batch.get("labels", batch["input_ids"])
+        return model(**{**batch, "labels": labels}).loss
+    dec, head = parts
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = dec(**inputs).last_hidden_state
+    return chunked_causal_lm_loss(hidden, head.weight, loss_labels(batch))
+
+
+def chunk_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """(decoder stack, LM head) when the chunked loss equals the model's own (a bias-free linear head, no
+    logit soft-capping or scaling); None otherwise."""
     base = _unwrap(model)
     get_dec = getattr(base, "get_decoder", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -143,14 +156,16 @@ def model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
                   and not getattr(cfg, "final_logit_softcapping", None)
                   and getattr(cfg, "logit_scale", None) in (None, 1, 1.0))
     if dec is None or dec is base or not plain_head:
-        labels = batch.get("labels", batch["input_ids"])
-        return model(**{**batch, "labels": labels}).loss
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = dec(**inputs).last_hidden_state
+        return None
+    return dec, head
+
+
+def loss_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's labels (HF convention), or its input ids with padding (attention mask 0) ignored."""
     labels = batch.get("labels")
     if labels is None:
         labels = batch["input_ids"]
         mask = batch.get("attention_mask")
         if mask is not None:
             labels = labels.masked_fill(mask == 0, -100)
-    return chunked_causal_lm_loss(hidden, head.weight, labels)
+    return labels

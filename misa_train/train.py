@@ -226,13 +226,34 @@ def enable_checkpointing(model: torch.nn.Module, net: torch.nn.Module) -> None:
 
 
 def forward_loss(net: torch.nn.Module, batch: dict[str, Any], sharded: bool) -> torch.Tensor:
-    """Mean next-token NLL of ``batch``: chunked (no full fp32 logits) on one process; under FSDP the model's
-    own forward, whose root hooks gather the sharded embedding/head (and which takes ``num_items_in_batch``)."""
-    if sharded:
-        return net(**batch).loss
-    from misa_train.losses import model_loss
+    """Mean next-token NLL of ``batch`` by the chunked loss (no full logits), on one process and under FSDP.
 
-    return model_loss(net, batch)
+    Under FSDP the loss must run inside the root module's call, whose hooks gather the sharded embedding, final
+    norm and head and reduce their gradients: the chunked loss stands in for the root's forward for this one
+    call.  Per rank it returns sum_local/(n_global/world) (``num_items_in_batch``, from ``local_batch``), so
+    FSDP's average over ranks is the global mean.  Models the chunked loss does not cover use their own
+    forward and loss (full logits)."""
+    from misa_train.losses import chunk_parts, loss_labels, model_loss
+
+    if not sharded:
+        return model_loss(net, batch)
+    if chunk_parts(net) is None:
+        return net(**batch).loss
+    n_items = batch.get("num_items_in_batch")  # absent without labels: then the local mean
+    inputs = {k: v for k, v in batch.items() if k != "num_items_in_batch"}
+
+    def chunked_forward(**b: Any) -> torch.Tensor:
+        mean = model_loss(net, b)
+        if n_items is None:
+            return mean
+        targets = (loss_labels(b)[:, 1:] != -100).sum()
+        return torch.where(targets > 0, mean * targets, torch.zeros_like(mean)) / n_items.to(mean.device)
+
+    net.forward = chunked_forward  # an instance attribute: Module.__call__ (and FSDP's hooks) run it
+    try:
+        return net(**inputs)
+    finally:
+        del net.forward
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:

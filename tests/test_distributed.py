@@ -270,3 +270,22 @@ def test_bf16_masters_are_rounded_back_into_sharded_weights(tmp_path):
         np.testing.assert_allclose((before - after).numpy(), 0.1, rtol=0.02)  # Adam's first step: lr·sign(g)
     finally:
         tdist.destroy_process_group()
+
+
+def test_sharded_forward_loss_is_the_chunked_sum_over_the_global_count():
+    """Under FSDP each rank returns sum_local/(n_global/world) through the root module's call (the chunked
+    loss stands in for its forward for that call only); ranks may hold different numbers of targets."""
+    from misa_train.losses import model_loss
+    from misa_train.train import forward_loss
+    from tests.helpers_tiny import make_tiny
+
+    model, _ = make_tiny("llama", num_layers=2)
+    ids = torch.randint(0, 50, (2, 9))
+    labels = ids.clone()
+    labels[0, :6] = -100  # targets are labels[:, 1:]: 3 + 8 = 11 on this rank
+    batch = {"input_ids": ids, "labels": labels, "num_items_in_batch": torch.tensor(7.5)}
+    got = forward_loss(model, batch, sharded=True)
+    want = model_loss(model, {"input_ids": ids, "labels": labels}) * 11 / 7.5
+    torch.testing.assert_close(got, want)
+    assert "forward" not in model.__dict__  # the model's own forward is back
+    assert model(input_ids=ids).logits.shape == (2, 9, model.config.vocab_size)
