@@ -91,7 +91,7 @@ class BudgetDraw:
             raw |= self._template
             raw.sort(axis=1)
             raw &= self._idx_mask
-            return raw.view(np.int64)  # < 2**16 after the mask: the same numbers, no copy
+            return raw.view(np.int64)  # unit indices after the mask: reinterpreting them copies nothing
         return np.argsort(self.class_of + rng.random((R, U)), axis=1)
 
     def __call__(self, pi: np.ndarray, rng: np.random.Generator) -> np.ndarray:
