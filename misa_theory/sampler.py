@@ -195,9 +195,6 @@ class ModuleSampler:
         return a[0] if self.streams is None else a
 
     # ------------------------------------------------------------------ scores
-    def _score_rows(self) -> np.ndarray:
-        return self._scores
-
     def _refresh_scores(self, where: np.ndarray | None = None) -> None:
         """score = m/(1 − β^c) where c > 0 (0 elsewhere), recomputed on ``where`` (all entries if None)."""
         seen = self._count > 0 if where is None else where
@@ -214,7 +211,7 @@ class ModuleSampler:
 
         Shape (B,), or (S, B) with ``streams``.
         """
-        return self._squeeze(self._score_rows())
+        return self._squeeze(self._scores)
 
     @property
     def last_inclusion(self) -> np.ndarray:

@@ -197,7 +197,7 @@ def test_simulator_draws_all_seeds_in_one_call(monkeypatch) -> None:
 def test_closed_form_waterfill_rows_equal_the_reference_waterfill(seed, R, U, coarse):
     """The sorted closed form used at floor 0 solves the same problem as ``optimal.waterfill``, row by row."""
     from misa_theory.optimal import waterfill
-    from misa_theory.waterfill_rows import waterfill_rows as _waterfill_rows
+    from misa_theory.waterfill_rows import waterfill_rows
 
     rng = np.random.default_rng(seed)
     sizes = rng.integers(1, 50, U).astype(float)
@@ -206,7 +206,7 @@ def test_closed_form_waterfill_rows_equal_the_reference_waterfill(seed, R, U, co
         rates = np.round(rates, 1)
     free = rng.random((R, U)) < 0.9
     budget = rng.random(R) * sizes.sum() * 0.9 + 0.5
-    got = _waterfill_rows(rates, sizes, free, budget, 0.0)
+    got = waterfill_rows(rates, sizes, free, budget, 0.0)
     for i in range(R):
         want = np.zeros(U)
         members = np.flatnonzero(free[i])
