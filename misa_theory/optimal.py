@@ -39,8 +39,12 @@ def waterfill(rates: np.ndarray, sizes: np.ndarray, budget: float, floor: float 
 
     ``rates`` r_u ≥ 0 and ``sizes`` N_u > 0 have shape (U,).  Units with r_u = 0 stay at ``floor``.
     If even μ → ∞ cannot spend the budget (Σ N_u ≤ budget, or zero-rate units hold the rest),
-    the maximal π is returned.  The map is continuous, piecewise linear and non-decreasing in μ with
-    breakpoints floor/r_u and 1/r_u, so sorting the 2U breakpoints and one linear solve give μ exactly.
+    the maximal π is returned.  The map g(μ) = Σ_u N_u·clip(μ r_u, floor, 1) is continuous, piecewise
+    linear and non-decreasing with breakpoints floor/r_u and 1/r_u: a bisection over the sorted 2U
+    breakpoints (each step one evaluation of g) finds the segment holding the root, on which the floored,
+    capped and rising sets are fixed, and one linear solve gives μ exactly.  Every sum is of non-negative
+    terms over an explicit set, so rates spanning any dynamic range (softmax rates reach 1e-30 and below)
+    are solved to rounding; differences of running sums would cancel there.
     """
     r = np.asarray(rates, dtype=np.float64)
     n = np.asarray(sizes, dtype=np.float64)
@@ -52,42 +56,42 @@ def waterfill(rates: np.ndarray, sizes: np.ndarray, budget: float, floor: float 
     if not pos.any():
         return pi
     rp, nphere = r[pos], n[pos]
-    mu = _active_set_mu(rp, nphere, budget - floor * n[~pos].sum(), floor)
-    if mu is not None:
-        pi[pos] = np.clip(mu * rp, floor, 1.0)
-        return pi
-    lo, hi = floor / rp, 1.0 / rp
-    o_lo, o_hi = np.argsort(lo, kind="stable"), np.argsort(hi, kind="stable")
-    lo_s, hi_s = lo[o_lo], hi[o_hi]
-    cum_n_lo = np.concatenate(([0.0], np.cumsum(nphere[o_lo])))
-    cum_nr_lo = np.concatenate(([0.0], np.cumsum(nphere[o_lo] * rp[o_lo])))
-    cum_n_hi = np.concatenate(([0.0], np.cumsum(nphere[o_hi])))
-    cum_nr_hi = np.concatenate(([0.0], np.cumsum(nphere[o_hi] * rp[o_hi])))
-    fixed = floor * n[~pos].sum()
-    total_pos = nphere.sum()
-
-    def coefficients(mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # f(μ) = c0 + c1·μ on the segment that starts at μ (sets change only at breakpoints)
-        started = np.searchsorted(lo_s, mu, side="right")
-        capped = np.searchsorted(hi_s, mu, side="right")
-        c0 = fixed + floor * (total_pos - cum_n_lo[started]) + cum_n_hi[capped]
-        c1 = cum_nr_lo[started] - cum_nr_hi[capped]
-        return c0, c1
-
-    cand = np.sort(np.concatenate((lo_s, hi_s)))
-    c0, c1 = coefficients(cand)
-    f = c0 + c1 * cand
-    k = int(np.searchsorted(f, budget, side="left"))
-    if k >= cand.size:
-        mu = cand[-1]
-    elif k == 0:
-        mu = cand[0]
-    else:
-        a0, a1 = c0[k - 1], c1[k - 1]
-        mu = cand[k] if a1 <= 0 else (budget - a0) / a1
-        mu = min(max(mu, cand[k - 1]), cand[k])
+    target = budget - floor * n[~pos].sum()
+    mu = _active_set_mu(rp, nphere, target, floor)
+    if mu is None:
+        mu = _segment_mu(rp, nphere, target, floor)
     pi[pos] = np.clip(mu * rp, floor, 1.0)
     return pi
+
+
+def _segment_mu(r: np.ndarray, n: np.ndarray, target: float, floor: float) -> float:
+    """μ with Σ n·clip(μ r, floor, 1) = target (r > 0) by bisection over the breakpoints, then a linear solve on
+    the segment; saturates at the last breakpoint when even π = 1 everywhere cannot spend ``target``."""
+    cand = np.unique(np.concatenate((floor / r, 1.0 / r)))
+
+    def g(mu: float) -> float:
+        return float(n @ np.clip(mu * r, floor, 1.0))
+
+    if g(cand[-1]) <= target:
+        return float(cand[-1])
+    lo, hi = -1, cand.size - 1  # invariant g(cand[lo]) < target ≤ g(cand[hi]); lo = −1 stands for μ = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if g(cand[mid]) < target:
+            lo = mid
+        else:
+            hi = mid
+    left = 0.0 if lo < 0 else cand[lo]
+    right = cand[hi]
+    # on (left, right) no breakpoint lies inside: a unit is floored iff floor/r ≥ right, capped iff 1/r ≤ left
+    floored = floor / r >= right
+    capped = 1.0 / r <= left
+    rising = ~(floored | capped)
+    slope = float(n[rising] @ r[rising])
+    if slope <= 0.0:
+        return float(right)
+    mu = (target - floor * n[floored].sum() - n[capped].sum()) / slope
+    return float(min(max(mu, left), right))
 
 
 def _active_set_mu(r: np.ndarray, n: np.ndarray, budget: float, floor: float, max_iter: int = 30) -> float | None:

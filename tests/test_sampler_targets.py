@@ -77,3 +77,24 @@ def test_vectorised_targets_equal_the_one_row_reference(seed, rule, delta, eta, 
         for s in range(streams):
             np.testing.assert_allclose(got[s], reference_targets(smp, smp.scores[s]), rtol=0, atol=1e-12)
         assert np.all(got @ sizes <= smp.budget * (1 + 1e-9) + 1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), eta=st.sampled_from([1.0, 2.0, 8.0]),
+       floor=st.sampled_from([0.001, 0.005, 0.02]), delta=st.sampled_from([0.05, 0.1, 0.25]))
+def test_sharp_scores_with_a_floor_stay_within_the_budget(seed, eta, floor, delta):
+    """Scores over many decades make misa's softmax rates span 1e-30 and more; the floor > 0 water-filling
+    then used to lose the small rates to cancellation, overspend its budget, and the draw asserted."""
+    rng = np.random.default_rng(seed)
+    sizes, groups, _ = transformer_layout(12, 8, 4, 28)
+    smp = ModuleSampler(sizes, groups, delta=delta, rule="misa", seed=seed, eta=eta, streams=4,
+                        min_inclusion=floor)
+    for _ in range(4):
+        mask = rng.random((4, sizes.size)) < 0.7
+        smp.observe(mask, 10.0 ** rng.uniform(-6, 3, (4, sizes.size)))
+    got = smp.target_inclusion()
+    assert np.all(got @ sizes <= smp.budget * (1 + 1e-9))
+    for s in range(4):
+        np.testing.assert_allclose(got[s], reference_targets(smp, smp.scores[s]), rtol=0, atol=1e-12)
+    for _ in range(20):
+        assert np.all(smp.draw() @ sizes <= smp.budget)
