@@ -58,22 +58,27 @@ def waterfill(rates: np.ndarray, sizes: np.ndarray, budget: float, floor: float 
     rp, nphere = r[pos], n[pos]
     target = budget - floor * n[~pos].sum()
     mu = _active_set_mu(rp, nphere, target, floor)
-    if mu is None:
-        mu = _segment_mu(rp, nphere, target, floor)
-    pi[pos] = np.clip(mu * rp, floor, 1.0)
+    pi[pos] = np.clip(mu * rp, floor, 1.0) if mu is not None else _segment_pi(rp, nphere, target, floor)
     return pi
 
 
-def _segment_mu(r: np.ndarray, n: np.ndarray, target: float, floor: float) -> float:
-    """μ with Σ n·clip(μ r, floor, 1) = target (r > 0) by bisection over the breakpoints, then a linear solve on
-    the segment; saturates at the last breakpoint when even π = 1 everywhere cannot spend ``target``."""
-    cand = np.unique(np.concatenate((floor / r, 1.0 / r)))
+def _segment_pi(r: np.ndarray, n: np.ndarray, target: float, floor: float) -> np.ndarray:
+    """π = clip(μr, floor, 1) (r > 0) with Σ nπ = target: bisection over the breakpoints, a linear solve on
+    the bracketing segment.  Saturates (π = 1) when even that cannot spend ``target``.
 
-    def g(mu: float) -> float:
-        return float(n @ np.clip(mu * r, floor, 1.0))
+    The breakpoints are taken in log μ (log floor − log r and −log r): a sharp softmax gives rates below
+    1e-308 of the largest, whose breakpoints 1/r exceed the float range although the budget may need them;
+    and the rising units' π is formed as rest·(r/Σnr), so μ itself is never formed.
+    """
+    lr = np.log(r)
+    cand = np.unique(np.concatenate((np.log(floor) - lr, -lr)) if floor > 0 else -lr)
+
+    def g(log_mu: float) -> float:
+        with np.errstate(over="ignore"):  # μr beyond the float range is capped at 1 either way
+            return float(n @ np.clip(np.exp(log_mu + lr), floor, 1.0))
 
     if g(cand[-1]) <= target:
-        return float(cand[-1])
+        return np.ones_like(r)
     lo, hi = -1, cand.size - 1  # invariant g(cand[lo]) < target ≤ g(cand[hi]); lo = −1 stands for μ = 0
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -81,17 +86,28 @@ def _segment_mu(r: np.ndarray, n: np.ndarray, target: float, floor: float) -> fl
             lo = mid
         else:
             hi = mid
-    left = 0.0 if lo < 0 else cand[lo]
+    left = -np.inf if lo < 0 else cand[lo]
     right = cand[hi]
-    # on (left, right) no breakpoint lies inside: a unit is floored iff floor/r ≥ right, capped iff 1/r ≤ left
-    floored = floor / r >= right
-    capped = 1.0 / r <= left
+    # on (left, right) no breakpoint lies inside: a unit is floored iff its floor breakpoint is ≥ right, capped
+    # iff its cap breakpoint is ≤ left
+    floored = (np.log(floor) - lr >= right) if floor > 0 else np.zeros(r.shape, dtype=bool)
+    capped = -lr <= left
     rising = ~(floored | capped)
     slope = float(n[rising] @ r[rising])
-    if slope <= 0.0:
-        return float(right)
-    mu = (target - floor * n[floored].sum() - n[capped].sum()) / slope
-    return float(min(max(mu, left), right))
+    with np.errstate(over="ignore"):
+        if slope <= 0.0:  # no unit rises on the segment: only rounding gets here, g is continuous
+            return np.clip(np.exp(right + lr), floor, 1.0)
+        pi = np.where(capped, 1.0, floor)
+        rest = target - floor * n[floored].sum() - n[capped].sum()
+        # μ = rest/slope clamped to the segment, applied as rest·(r/slope): r/slope ≤ 1/n never overflows
+        x = rest * (r[rising] / slope)
+        x = np.minimum(np.maximum(x, np.exp(left + lr[rising])), np.exp(right + lr[rising]))
+    pi[rising] = np.clip(x, floor, 1.0)
+    return pi
+
+
+#: μ beyond which the active-set iteration hands over to the sorted solver (μ·r must stay finite for r ≤ 1)
+_MU_MAX = 1e300
 
 
 def _active_set_mu(r: np.ndarray, n: np.ndarray, budget: float, floor: float, max_iter: int = 30) -> float | None:
@@ -103,7 +119,10 @@ def _active_set_mu(r: np.ndarray, n: np.ndarray, budget: float, floor: float, ma
     caller then uses the sorting solver, which is always exact).
     """
     nr = n * r
-    mu = budget / nr.sum()
+    total = nr.sum()
+    if not total > 0.0 or budget / _MU_MAX >= total:  # rates too small for μ to be formed: sorted solver
+        return None
+    mu = budget / total
     capped = floored = None
     for _ in range(max_iter):
         x = mu * r
@@ -118,7 +137,7 @@ def _active_set_mu(r: np.ndarray, n: np.ndarray, budget: float, floor: float, ma
         rest = budget - n.sum(where=capped)
         if floored is not None:
             rest -= floor * n.sum(where=floored)
-        if free_nr <= 0:
+        if free_nr <= 0 or rest / _MU_MAX >= free_nr:
             return None
         mu = rest / free_nr
     return None

@@ -75,6 +75,8 @@ class ModuleSampler:
         eta: η ≥ 0 of the softmax rule.
         ema_beta: β ∈ [0, 1) of the score EMA.
         min_inclusion: floor on every reachable unit's π (keeps every module drawable; needs floor·Σn ≤ budget).
+            A size class pinned at its capacity scales its own π, floor included; when the budget left
+            after pinning cannot pay the floor of every free unit, their floor drops to an equal share.
         explore: visit every unit once before score-driven rules trust the scores.
         streams: None for one sampler with the 1-D API (indices in, indices out); an int S ≥ 1 for S
             independent samplers whose scores, targets and draws are arrays (S, B) (see the module docstring).
@@ -344,7 +346,10 @@ class ModuleSampler:
             if floor == 0.0:
                 p = waterfill_rows_floor0(rates, self._fsizes, budget)
             else:
-                p = waterfill_rows(rates, self._fsizes, work, budget, floor)
+                # after a class is pinned the rest of the budget may not pay the floor of every free unit: the
+                # floor drops to what it can pay, an equal share (the budget binds; validated in the first pass)
+                share = budget / np.maximum(work @ self._fsizes, 1.0)
+                p = waterfill_rows(rates, self._fsizes, work, budget, np.minimum(floor, share))
             pi = p if pi is None else np.where(work, p, pi)
             expected = self._drawer.expected(p)  # 0 on classes taken out earlier and on settled rows
             over = expected > capacity + 1e-9

@@ -43,39 +43,49 @@ def waterfill_sorted(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -
     order = np.argsort(-rates, axis=1, kind="stable")
     r = np.take_along_axis(rates, order, axis=1)
     n = sizes[order]
-    nr = n * r
     capped = np.zeros((R, U + 1))
     np.cumsum(n, axis=1, out=capped[:, 1:])  # Σ_{i≤j} N_(i), j = 0..U
     tail = np.zeros((R, U + 1))
-    np.cumsum(nr[:, ::-1], axis=1, out=tail[:, 1:])
-    tail = tail[:, ::-1]  # Σ_{i>j} N_(i) r_(i), j = 0..U
+    np.cumsum((n * r)[:, ::-1], axis=1, out=tail[:, 1:])
+    tail = tail[:, ::-1]  # Σ_{i>j} N_(i) r_(i), j = 0..U (summed from the smallest: no cancellation)
+    rem = budget[:, None] - capped[:, :U]
     live = tail[:, :U] > 0
+    # μ_j·r_(j+1) = rem_j·(r_(j+1)/tail_j), and r_(j+1)/tail_j ≤ 1/N_(j+1): no overflow however small the rates;
     # where no positive rate is left uncapped (tail 0), every positive unit is in: μ = ∞
-    mu = np.where(live, (budget[:, None] - capped[:, :U]) / np.where(live, tail[:, :U], 1.0), np.inf)
-    with np.errstate(invalid="ignore"):  # ∞·0 on zero rates, masked either way
-        j = np.argmax(~live | (mu * r < 1.0), axis=1)
-        return np.where(rates > 0, np.minimum(1.0, mu[np.arange(R), j][:, None] * rates), 0.0)
+    ratio = r / np.where(live, tail[:, :U], 1.0)
+    j = np.argmax(~live | (rem * ratio < 1.0), axis=1)
+    rows = np.arange(R)
+    t_j = tail[rows, j]
+    pos = rates > 0
+    # π = min(1, rem_j·(r/t_j)); r/t_j overflows to inf only for units capped anyway (→ 1); μ itself is never
+    # formed, as it exceeds the float range when the budget reaches rates below ~1e-308 of the largest
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        pi = np.minimum(1.0, rem[rows, j][:, None] * (rates / t_j[:, None]))
+    return np.where(pos & (t_j > 0)[:, None], pi, pos.astype(np.float64))
 
 
 def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -> np.ndarray:
     """Floor-0 rows with zero rates off the free units and Σ_{r>0} N > budget: the capped-set iteration of
     the module docstring on all rows at once, rows left moving finished by :func:`waterfill_sorted`."""
-    mu = budget / (rates @ sizes)
-    x = mu[:, None] * rates
-    capped = x >= 1.0
-    if not capped.any():  # the common case: μ = budget/Σ N r already caps nothing
-        return x
-    nr = rates * sizes
-    count = capped.sum(axis=1)
-    for _ in range(_CAPPED_SET_PASSES):
-        mu = (budget - capped @ sizes) / np.where(capped, 0.0, nr).sum(axis=1)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # μ may overflow: checked below
+        mu = budget / (rates @ sizes)
         x = mu[:, None] * rates
         capped = x >= 1.0
-        new = capped.sum(axis=1)
-        moving = new != count  # C only grows, so an unchanged size is an unchanged set: μ is exact
-        if not moving.any():
-            return np.minimum(x, 1.0)
-        count = new
+        if not capped.any() and np.isfinite(mu).all():  # the common case: μ = budget/Σ N r caps nothing
+            return x
+        nr = rates * sizes
+        count = capped.sum(axis=1)
+        for _ in range(_CAPPED_SET_PASSES):
+            mu = (budget - capped @ sizes) / np.where(capped, 0.0, nr).sum(axis=1)
+            x = mu[:, None] * rates
+            capped = x >= 1.0
+            new = capped.sum(axis=1)
+            moving = new != count  # C only grows, so an unchanged size is an unchanged set: μ is exact
+            if not moving.any() and np.isfinite(mu).all():
+                return np.minimum(x, 1.0)
+            count = new
+    # rows still moving, and rows whose μ left the float range (rates below ~1e-308 of the largest take budget)
+    moving |= ~np.isfinite(mu)
     x = np.minimum(x, 1.0)
     rows = np.flatnonzero(moving)
     x[rows] = waterfill_sorted(rates[rows], sizes, budget[rows])
@@ -104,7 +114,7 @@ def waterfill_rows_floor0(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarr
 
 
 def waterfill_rows(rates: np.ndarray, sizes: np.ndarray, free: np.ndarray, budget: np.ndarray,
-                   floor: float) -> np.ndarray:
+                   floor: float | np.ndarray) -> np.ndarray:
     r"""π (R, U) of the module docstring's problem for every row; 0 outside ``free``.
 
     Args:
@@ -112,12 +122,14 @@ def waterfill_rows(rates: np.ndarray, sizes: np.ndarray, free: np.ndarray, budge
         sizes: N_u > 0, shape (U,), float.
         free: bool (R, U), the units each row may spend on.
         budget: (R,) parameters per row.
-        floor: lower bound on π of free units, in [0, 1].
+        floor: lower bound on π of free units, in [0, 1]; a number, or one per row (R,).
     """
     pos = free & (rates > 0)
-    if floor == 0.0:
+    R = rates.shape[0]
+    fl = np.broadcast_to(np.asarray(floor, dtype=np.float64), (R,))
+    if not fl.any():
         return waterfill_rows_floor0(np.where(pos, rates, 0.0), sizes, budget)
-    pi = np.where(free, floor, 0.0)
+    pi = np.where(free, fl[:, None], 0.0)
     spend_all = (free @ sizes) <= budget
     pi[spend_all] = np.where(pos[spend_all], 1.0, pi[spend_all])
     rows = np.flatnonzero(~spend_all & pos.any(axis=1))
@@ -125,31 +137,35 @@ def waterfill_rows(rates: np.ndarray, sizes: np.ndarray, free: np.ndarray, budge
         return pi
     r = np.where(pos[rows], rates[rows], 0.0)
     p = pos[rows]
+    f = fl[rows]
+    fc = f[:, None]
     nr = r * sizes
-    target = budget[rows] - floor * ((free[rows] & ~p) * sizes).sum(axis=1)
-    mu = target / nr.sum(axis=1)
+    target = budget[rows] - f * ((free[rows] & ~p) * sizes).sum(axis=1)
     settled = np.zeros(rows.size, dtype=bool)
-    failed = np.zeros(rows.size, dtype=bool)
     capped = floored = None
-    for _ in range(_ACTIVE_SET_ITERS):
-        x = mu[:, None] * r
-        new_capped = p & (x >= 1.0)
-        new_floored = p & (x <= floor)
-        if capped is not None:
-            same = (new_capped == capped).all(axis=1) & (new_floored == floored).all(axis=1)
-            settled |= same & ~failed
-        todo = ~(settled | failed)
-        if not todo.any():
-            break
-        capped, floored = new_capped, new_floored
-        free_nr = np.where(capped | floored, 0.0, nr).sum(axis=1)
-        rest = target - (capped * sizes).sum(axis=1) - floor * (floored * sizes).sum(axis=1)
-        failed |= todo & (free_nr <= 0)
-        step = todo & ~failed
-        mu = np.where(step, rest / np.where(free_nr > 0, free_nr, 1.0), mu)
-    out = np.where(p, np.clip(mu[:, None] * r, floor, 1.0), pi[rows])
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # μ may leave the float range: checked
+        mu = target / nr.sum(axis=1)
+        failed = ~np.isfinite(mu)
+        for _ in range(_ACTIVE_SET_ITERS):
+            x = mu[:, None] * r
+            new_capped = p & (x >= 1.0)
+            new_floored = p & (x <= fc)
+            if capped is not None:
+                same = (new_capped == capped).all(axis=1) & (new_floored == floored).all(axis=1)
+                settled |= same & ~failed
+            todo = ~(settled | failed)
+            if not todo.any():
+                break
+            capped, floored = new_capped, new_floored
+            free_nr = np.where(capped | floored, 0.0, nr).sum(axis=1)
+            rest = target - (capped * sizes).sum(axis=1) - f * (floored * sizes).sum(axis=1)
+            failed |= todo & (free_nr <= 0)
+            step = todo & ~failed
+            mu = np.where(step, rest / np.where(free_nr > 0, free_nr, 1.0), mu)
+            failed |= ~np.isfinite(mu)  # rates below ~1e-308 of the largest take budget: the sorted solver
+        out = np.where(p, np.clip(mu[:, None] * r, fc, 1.0), pi[rows])
     for i in np.flatnonzero(~settled):
         members = np.flatnonzero(free[rows[i]])
-        out[i, members] = waterfill(rates[rows[i], members], sizes[members], float(budget[rows[i]]), floor)
+        out[i, members] = waterfill(rates[rows[i], members], sizes[members], float(budget[rows[i]]), float(f[i]))
     pi[rows] = out
     return pi

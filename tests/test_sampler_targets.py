@@ -34,7 +34,8 @@ def reference_targets(smp: ModuleSampler, scores: np.ndarray) -> np.ndarray:
         else:
             r = tilt[free].copy()
         p = np.zeros(n.size)
-        p[free] = waterfill(r, n[free], budget, smp.min_inclusion)
+        floor = min(smp.min_inclusion, budget / n[free].sum())  # what the budget left can pay
+        p[free] = waterfill(r, n[free], budget, floor)
         pi[free] = p[free]
         expected = np.bincount(cls, p, csz.size)
         cap = np.floor(budget / csz + 1e-9)
@@ -98,3 +99,37 @@ def test_sharp_scores_with_a_floor_stay_within_the_budget(seed, eta, floor, delt
         np.testing.assert_allclose(got[s], reference_targets(smp, smp.scores[s]), rtol=0, atol=1e-12)
     for _ in range(20):
         assert np.all(smp.draw() @ sizes <= smp.budget)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), floor=st.sampled_from([0.0, 0.01, 0.1]),
+       delta=st.sampled_from([0.005, 0.1, 0.5]), streams=st.sampled_from([None, 3]))
+def test_a_softmax_beyond_the_float_range_neither_warns_nor_overspends(seed, floor, delta, streams):
+    """η = 20 on scores over many decades: rates of all but a few modules are subnormal or 0, and the budget
+    (or a pinned class's leftover, whose floor then drops to what it can pay) must reach them."""
+    import warnings
+
+    rng = np.random.default_rng(seed)
+    sizes, groups, _ = transformer_layout(14, 41, 9, 91)
+    total = int(1.5 * sizes.sum())
+    if floor * sizes.sum() > int(delta * total):
+        floor = 0.0
+    smp = ModuleSampler(sizes, groups, delta=delta, rule="misa", seed=seed, eta=20.0, streams=streams,
+                        min_inclusion=floor, depth_bias=2.0, total_params=total)
+    S = 1 if streams is None else streams
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(6):
+            drawn = smp.draw()
+            assert np.all(np.atleast_2d(drawn if streams else np.isin(np.arange(sizes.size), drawn)) @ sizes
+                          <= smp.budget)
+            x = 10.0 ** rng.uniform(-8, 2, (S, sizes.size))
+            if streams is None:
+                smp.observe(drawn, x[0, drawn])
+            else:
+                smp.observe(drawn, x)
+        got = np.atleast_2d(smp.target_inclusion())
+    assert np.all(got @ sizes <= smp.budget * (1 + 1e-9))
+    scores = np.atleast_2d(smp.scores)
+    for s in range(S):
+        np.testing.assert_allclose(got[s], reference_targets(smp, scores[s]), rtol=0, atol=1e-12)
