@@ -12,8 +12,8 @@ model as it is now, then max |err| per method. Exit status 1 when a row is off b
 reports the peak of each *point* of a step next to the model's points (Estimate.points): the
 ``torch.cuda.max_memory_allocated`` peak is read and reset at the boundaries forward | loss node | layers |
 embedding backward | optimizer step (tensor hooks on the decoder output and the embedding output).
-``--inplace-head-grad`` runs the same with the loss node's ``(grad_w * grad_out)`` done in place (a runtime
-patch, not the shipped code) to show which bytes that temporary accounts for.
+``--out-of-place-head-grad`` also runs each with the loss node's earlier ``(grad_w * grad_out)`` product (a
+runtime patch restoring the code before the in-place product) to show which bytes that temporary held.
 
     python benchmarks/memory_residuals.py --measure llama3.2-1b:lisa:1024:off llama3-8b:lisa:1024:off --out o.json
 """
@@ -48,7 +48,9 @@ def _kw(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     kw = dict(seq=row["seq"], batch=row.get("batch", 1), ckpt=row["ckpt"], delta=over.get("delta", 0.01),
               lisa_layers=over.get("lisa_layers", 2), badam_layers=over.get("badam_layers", 1),
               lora_r=over.get("lora_r", 16), train_embeddings=over.get("train_embeddings"),
-              train_head=over.get("train_head"), lean_ops=row.get("lean_ops", False))
+              train_head=over.get("train_head"), lean_ops=row.get("lean_ops", False),
+              # rows recorded before the loss's in-place head gradient carry no flag: they ran out of place
+              inplace_head_grad=row.get("inplace_head_grad", False))
     return method, kw
 
 
@@ -104,7 +106,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- GPU points
-def measure(spec: str, *, steps: int = 3, inplace_head_grad: bool = False, lean: bool = False) -> dict[str, Any]:
+def measure(spec: str, *, steps: int = 3, inplace_head_grad: bool = True, lean: bool = False) -> dict[str, Any]:
     """Peak of each point of a training step on the current CUDA device, next to the model's points.
 
     ``spec``: ``model:method:seq:ckpt`` (ckpt on|off), names as in misa_train.bench. Peaks are the max over
@@ -126,11 +128,11 @@ def measure(spec: str, *, steps: int = 3, inplace_head_grad: bool = False, lean:
     method, over = METHODS[meth_name]
     dev = torch.device("cuda")
     orig_bw = losses._ChunkedLinearCE.backward
-    if inplace_head_grad:
-        def bw(ctx, grad_out):  # the same gradients; the fp32 product made in the saved accumulator itself
+    if not inplace_head_grad:
+        def bw(ctx, grad_out):  # the same gradients, the fp32 product a new V×h tensor (the code before stop 10)
             grad_h, grad_w = ctx.saved_tensors
             gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
-            gw = None if grad_w is None else grad_w.mul_(grad_out).to(ctx.w_dtype)
+            gw = None if grad_w is None else (grad_w * grad_out).to(ctx.w_dtype)
             return gh, gw, None, None, None
         losses._ChunkedLinearCE.backward = staticmethod(bw)
     seg: dict[str, int] = {}
@@ -192,7 +194,7 @@ def measure(spec: str, *, steps: int = 3, inplace_head_grad: bool = False, lean:
         for hk in hooks:
             hk.remove()
         row = {"model": model_name, "method": meth_name, "seq": seq, "batch": 1, "ckpt": ckpt, "lean_ops": lean_on,
-               "draws": draws}
+               "draws": draws, "inplace_head_grad": inplace_head_grad}
         _, kw = _kw(row)
         pts: dict[str, int] = {}
         for d in draws or [None]:
@@ -221,18 +223,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the rows and the summary here")
     p.add_argument("--measure", nargs="*", default=None, metavar="MODEL:METHOD:SEQ:CKPT",
                    help="GPU: measure the peak of each point of a step for these configurations")
-    p.add_argument("--inplace-head-grad", action="store_true", help="with --measure: also run each with the "
-                   "loss node's head-gradient product made in place")
+    p.add_argument("--out-of-place-head-grad", action="store_true", help="with --measure: also run each with "
+                   "the loss node's earlier out-of-place head-gradient product")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default=None, help="with --measure: JSON output")
     a = p.parse_args(argv)
     if a.measure is not None:
         res = []
         for spec in a.measure:
-            for inplace in ([False, True] if a.inplace_head_grad else [False]):
+            for inplace in ([True, False] if a.out_of_place_head_grad else [True]):
                 r = measure(spec, steps=a.steps, inplace_head_grad=inplace)
                 res.append(r)
-                print(f"{spec}{' (in-place head grad)' if inplace else ''}  [V·h = {r['vh_gib']:.3f} GiB]")
+                print(f"{spec}{'' if inplace else ' (out-of-place head grad)'}  [V·h = {r['vh_gib']:.3f} GiB]")
                 for k in ("begin_period", "forward_end", "backward_loss", "backward_layers", "backward_embedding",
                           "optimizer_step"):
                     meas, mod = r["measured_gib"].get(k), r["model_gib"].get(k)

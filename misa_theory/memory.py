@@ -52,9 +52,9 @@ tests/test_memory_model.py, or against the GPU measurements):
   matrix trained as embeddings or head; all V×h, weight dtype 2 B unless said):
   forward: the chunked loss's fp32 accumulator of ∂L/∂W (4·V·h, kept until backward) and, per chunk, the
   product gᵀ·H_c added into it (2·V·h, with g 2·c·V): ``head_fwd_transient``;
-  loss node in backward: ``(grad_w * grad_out).to(bf16)`` makes a new fp32 V×h (4·V·h) and its cast
-  (2·V·h) while the saved accumulator is still referenced, 10·V·h at once: ``head_bwd_transient``
-  (measured on an H100: doing the product in place lowers that point by exactly 4·V·h);
+  loss node in backward: ``grad_w.mul_(grad_out).to(bf16)`` scales the saved accumulator in place and
+  casts it (2·V·h), 6·V·h at once: ``head_bwd_transient``; code before the in-place product
+  (``inplace_head_grad=False``, the committed bench rows) made a new fp32 V×h (4·V·h) first, 10·V·h at once;
   rest of backward: the head's gradient (2·V·h) exists throughout: untied as the head's ``.grad``, tied in
   autograd's input buffer of the shared matrix, waiting for the embedding's gradient;
   embedding backward (when the embedding matrix requires grad): the dense V×h gradient (2·V·h) next to
@@ -177,14 +177,14 @@ def head_fwd_transient(a: Arch, T: int) -> int:
     return 2 * c * a.vocab_size + 2 * a.vocab_size * a.hidden_size
 
 
-def head_bwd_transient(a: Arch) -> int:
-    """Bytes the loss node's backward allocates for ∂L/∂W_head on top of its saved fp32 accumulator.
+def head_bwd_transient(a: Arch, inplace: bool = True) -> int:
+    """Bytes the loss node's backward allocates for ∂L/∂W_head on top of its saved fp32 accumulator (4·V·h).
 
-    ``(grad_w * grad_out).to(weight dtype)``: the out-of-place product is a new fp32 V×h tensor (4·V·h)
-    and its cast another V×h tensor in the weight dtype (2·V·h), while the saved accumulator (4·V·h) is
-    still referenced: 10·V·h bytes of head gradient at once, of which this returns the 6·V·h made here.
+    ``grad_w.mul_(grad_out).to(weight dtype)``: the cast, a V×h tensor in the weight dtype (2·V·h).
+    ``inplace=False`` is the earlier out-of-place ``(grad_w * grad_out).to(...)``, which made a new fp32 V×h
+    tensor (4·V·h) before the cast: 6·V·h (the committed GPU rows were measured with it).
     """
-    return 6 * a.vocab_size * a.hidden_size
+    return (2 if inplace else 6) * a.vocab_size * a.hidden_size
 
 
 def emb_bwd_transient(a: Arch, T: int) -> int:
@@ -327,7 +327,8 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
                  ckpt: bool = False, delta: float = 0.01, lisa_layers: int = 2, badam_layers: int = 1,
                  lora_r: int = 16, chunked_ce: bool = True, active: Iterable[tuple[int, str]] | None = None,
                  train_embeddings: bool | None = None, train_head: bool | None = None,
-                 input_grads: bool | None = None, lean_ops: bool = True) -> Estimate:
+                 input_grads: bool | None = None, lean_ops: bool = True,
+                 inplace_head_grad: bool = True) -> Estimate:
     """Peak bytes of one training step (see the module docstring for every assumption).
 
     Args:
@@ -341,6 +342,8 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
         lean_ops: misa_train.lean_ops patched in (TrainConfig.lean_ops, default True): SwiGLU saves 2 instead
             of 3 (T × i) bf16 tensors, each RMSNorm its bf16 input (2 B/element) instead of an fp32 copy
             (4 B/element). False = the stock Hugging Face modules.
+        inplace_head_grad: the chunked loss scales its saved head gradient in place in backward (the trainer
+            since stop 10); False = the earlier out-of-place product, 4·V·h more at the loss node.
     Returns an Estimate: peak bytes, the phase it occurs in, the itemisation at that point.
     """
     a = arch if isinstance(arch, Arch) else Arch.from_config(arch)
@@ -400,7 +403,7 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
         if head_grad:
             chunk = max(chunk, head_fwd_transient(a, T))   # bf16 g and the V×h product gᵀ·H_c
         loss_fwd_peak = loss_keep + chunk
-        loss_bwd = loss_keep + 2 * T * h + (head_bwd_transient(a) if head_grad else 0)
+        loss_bwd = loss_keep + 2 * T * h + (head_bwd_transient(a, inplace_head_grad) if head_grad else 0)
     else:
         loss_keep = 6 * T * V
         loss_fwd_peak = 10 * T * V

@@ -192,6 +192,7 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    row["inplace_head_grad"] = True  # the chunked loss's backward scales its saved head gradient in place
     _predict(row, arch, method, over, batch)
     return row
 
@@ -201,7 +202,8 @@ def _predict(row: dict[str, Any], arch: dict[str, Any], method: str, over: dict[
     kw = dict(seq=row["seq"], batch=batch, ckpt=row["ckpt"], delta=over.get("delta", 0.01),
               lisa_layers=over.get("lisa_layers", 2), badam_layers=over.get("badam_layers", 1),
               lora_r=over.get("lora_r", 16), train_embeddings=over.get("train_embeddings"),
-              train_head=over.get("train_head"), lean_ops=row.get("lean_ops", False))
+              train_head=over.get("train_head"), lean_ops=row.get("lean_ops", False),
+              inplace_head_grad=row.get("inplace_head_grad", False))
     draws = row.get("draws") or [None]
     ests = [mm.predict_peak(arch, method, active=None if d is None else [tuple(x) for x in d], **kw)
             for d in draws]

@@ -83,9 +83,15 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        if getattr(ctx, "used", False):
+            raise RuntimeError("the chunked loss supports one backward pass (no retain_graph): its saved "
+                               "head gradient is scaled in place")
+        ctx.used = True
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
-        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.w_dtype)
+        # in place: an out-of-place product would be a second fp32 V×h tensor next to the saved one (4·V·h,
+        # 1-2 GiB on Llama-3 vocabularies) at the loss node, which is the peak of every head-training run
+        gw = None if grad_w is None else grad_w.mul_(grad_out).to(ctx.w_dtype)
         return gh, gw, None, None, None
 
 

@@ -42,6 +42,18 @@ def test_chunked_ce_frozen_head_and_frozen_hidden():
     assert torch.allclose(gw, rw, atol=1e-6)
 
 
+def test_chunked_ce_refuses_a_second_backward():
+    """Its saved head gradient is scaled in place in backward (4·V·h less at the loss node), so a second pass
+    through the same graph would scale it twice: that is an error naming the cause, not a wrong gradient."""
+    h = torch.randn(1, 9, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    y = torch.randint(0, 11, (1, 9))
+    loss = chunked_causal_lm_loss(h, w, y, chunk_tokens=4)
+    (3.0 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
+
+
 def test_model_loss_equals_hf_loss():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -199,11 +199,12 @@ def test_head_gradient_terms_untied_hand_computed():
     state = 12 * Vh  # fp32 master + Adam m, v of the head
     c = (1 << 25) // V
     assert mm.head_fwd_transient(a, T) == 2 * c * V + 2 * Vh
-    assert mm.head_bwd_transient(a) == 6 * Vh
+    assert mm.head_bwd_transient(a) == 2 * Vh  # the in-place product's bf16 cast
+    assert mm.head_bwd_transient(a, inplace=False) == 6 * Vh  # the earlier out-of-place product
     # forward: the fp32 accumulator is kept; a chunk peaks at g + the V×h product gᵀH_c, not at 8cV
     assert d["forward_end"] == state + 4 * Vh + (2 * c * V + 2 * Vh) - 8 * c * V
-    # loss node: accumulator 4Vh + (grad_w * grad_out) fp32 4Vh + its bf16 cast 2Vh  (the old model: 6Vh)
-    assert d["backward_loss"] == state + 10 * Vh
+    # loss node: accumulator 4Vh, scaled in place, + its bf16 cast 2Vh
+    assert d["backward_loss"] == state + 6 * Vh
     # layers: the head's .grad; optimizer step: its grad + its fp32 copy
     assert d["backward_layers"] == state + 2 * Vh
     assert d["optimizer_step"] == state + 2 * Vh + 4 * Vh
@@ -216,7 +217,7 @@ def test_head_gradient_terms_tied_hand_computed():
     T, h = 8192, a.hidden_size
     on, off, d = _head_diff(L1B, T)
     state = 12 * Vh  # tied: one matrix, trained through both uses
-    assert d["backward_loss"] == state + 10 * Vh
+    assert d["backward_loss"] == state + 6 * Vh
     # the head's gradient waits in the shared matrix's input buffer while the layers run (the old model: 0)
     assert d["backward_layers"] == state + 2 * Vh
     # embedding backward: base + all grads (layer 3's down_proj, the buffered head grad) + its dense V×h
@@ -228,12 +229,19 @@ def test_head_gradient_terms_tied_hand_computed():
     assert d["optimizer_step"] == state + 2 * Vh + 4 * Vh
 
 
-def test_lisa_backward_loss_point_is_the_peak():
-    # LISA (embeddings + head + 2 layers) peaks in the loss node's backward: 10·V·h of head gradient at once
+def test_lisa_loss_node_is_4vh_lower_with_the_in_place_product():
+    # LISA (embeddings + head + 2 layers) peaked in the loss node's backward with the out-of-place product
+    # (10·V·h of head gradient at once, the committed GPU rows); in place that point is 4·V·h lower and
+    # nothing else moves
     for arch, seq, ckpt in ((L8B, 1024, False), (L8B, 8192, False), (L1B, 1024, True), (L1B, 8192, True)):
-        e = mm.predict_peak(arch, "lisa", seq=seq, ckpt=ckpt, lean_ops=False)
-        assert e.phase == "backward"
-        assert max(e.points, key=e.points.__getitem__) == "backward_loss"
+        a = mm.Arch.from_config(arch)
+        old = mm.predict_peak(arch, "lisa", seq=seq, ckpt=ckpt, lean_ops=False, inplace_head_grad=False)
+        new = mm.predict_peak(arch, "lisa", seq=seq, ckpt=ckpt, lean_ops=False)
+        assert old.phase == "backward"
+        assert max(old.points, key=old.points.__getitem__) == "backward_loss"
+        diff = {k: old.points[k] - new.points[k] for k in old.points}
+        assert diff.pop("backward_loss") == 4 * a.vocab_size * a.hidden_size
+        assert not any(diff.values())
 
 
 def _load_residuals():
