@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -138,6 +139,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.sigma < 0:
         fail(f"--sigma must be ≥ 0, got {args.sigma}")
     _check_common(args.delta, args.eta)
+    if args.out is not None:  # before simulating: a folder that cannot be made is an input error, not lost work
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"--out: cannot create {args.out}: {e.strerror or e}")
     problem = make_problem(args.problem, heterogeneity=args.heterogeneity)
     sgd0 = args.sgd_alpha0 if args.sgd_alpha0 is not None else args.alpha0
 
@@ -198,8 +204,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print(f"{r:>8}: slope {a.slope:+.3f} [{a.lo:+.3f}, {a.hi:+.3f}]  C (max y·√K) {a.C_half:.4g}  "
                   f"{'≤ -1/2 within CI' if a.covered else 'NOT ≤ -1/2'};  min-slope {fits['min'].slope:+.3f}")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "summary.json").write_text(json.dumps(report, indent=2, default=_json_default))
+        tmp = args.out / ".summary.json.tmp"  # written whole, then renamed: never a half-written summary
+        tmp.write_text(json.dumps(report, indent=2, default=_json_default))
+        os.replace(tmp, args.out / "summary.json")
         if not args.no_plots:
             _plots(args.out, results, report)
         print(f"wrote {args.out / 'summary.json'}")

@@ -286,6 +286,10 @@ def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any
     cfg = dataclasses.replace(cfg).validate()
     run_dir, ckpt = _resolve_run(cfg)
     run_dir = dist.broadcast(run_dir)  # a default run folder name holds rank 0's timestamp
+    try:  # before the model loads: an unusable folder is an input error, not minutes of work lost at the end
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot create the run folder {run_dir}: {e.strerror or e}") from None
     if ckpt is not None:
         meta = ckpt_mod.read_meta(ckpt)
         check_resume_compatible(cfg, meta.get("config", {}),

@@ -67,3 +67,21 @@ def test_model_dependent_check_is_one_line_exit_2(tiny_model_dir, tmp_path, caps
     assert ex.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("misa_train: error: delta:")
+
+
+def test_unusable_output_dir_is_one_line_exit_2_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from misa_train import models
+    from misa_train.cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the run folder was checked")
+
+    monkeypatch.setattr(models, "load_model", no_model)  # train.run imports it from there at call time
+    with pytest.raises(SystemExit) as ex:
+        main(["--output-dir", str(blocker / "run"), "--device", "cpu", "--no-progress"])
+    assert ex.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("misa_train: error: output_dir: cannot create the run folder"), lines

@@ -95,3 +95,13 @@ def test_load_norms_reads_the_trainers_importance_json(tmp_path):
     assert layers.tolist() == [m.layer for m in mods]
     assert norms.tolist() == scores
     assert names == [m.name for m in mods]
+
+
+def test_unusable_out_folder_fails_before_simulating(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    r = run("simulate", "--K", "50", "--rule", "misa", "--out", str(blocker / "sub"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("misa_theory: error: --out: cannot create"), r.stderr
+    assert r.stdout == ""  # nothing was simulated (and lost) first
