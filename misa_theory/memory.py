@@ -208,11 +208,12 @@ def _norm_saved(T: int, h: int, x_grad: bool, w_grad: bool, lean_ops: bool) -> i
 
 
 def _layer_saved(a: Arch, T: int, x_grad: bool, trainable: set[str], norms: bool,
-                 lora_r: int | None, lean_ops: bool = False) -> tuple[int, bool]:
+                 lora_r: int | None, lean_ops: bool = False, attn_out_shared: bool = False) -> tuple[int, bool]:
     """Bytes autograd saves in one decoder layer, and whether its output requires grad.
 
     ``trainable``: module kinds whose base weight trains; ``lora_r``: LoRA on every kind (adapters train);
-    ``lean_ops``: misa_train.lean_ops patched in (SwiGLU saves g, u; RMSNorm its bf16 input).
+    ``lean_ops``: misa_train.lean_ops patched in (SwiGLU saves g, u; RMSNorm its bf16 input);
+    ``attn_out_shared``: o_proj's saved input is the storage SDPA saved as its output (see predict_peak).
     """
     h, i, hq, hkv, nh = a.hidden_size, a.intermediate_size, a.hq, a.hkv, a.num_attention_heads
     lora = lora_r is not None
@@ -229,7 +230,7 @@ def _layer_saved(a: Arch, T: int, x_grad: bool, trainable: set[str], norms: bool
     attn_grad = n_grad or bool(qkv_tr) or lora
     if attn_grad:
         b += 2 * T * hq * 2 + 2 * T * hkv * 2 + 4 * T * nh
-    if "o_proj" in trainable:
+    if "o_proj" in trainable and not (attn_grad and attn_out_shared):  # else it is SDPA's saved output
         b += 2 * T * hq
     if lora:
         b += 4 * T * hq + 4 * T * r
@@ -328,7 +329,7 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
                  lora_r: int = 16, chunked_ce: bool = True, active: Iterable[tuple[int, str]] | None = None,
                  train_embeddings: bool | None = None, train_head: bool | None = None,
                  input_grads: bool | None = None, lean_ops: bool = True,
-                 inplace_head_grad: bool = True) -> Estimate:
+                 inplace_head_grad: bool = True, attn_out_shared: bool = True) -> Estimate:
     """Peak bytes of one training step (see the module docstring for every assumption).
 
     Args:
@@ -344,6 +345,11 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
             (4 B/element). False = the stock Hugging Face modules.
         inplace_head_grad: the chunked loss scales its saved head gradient in place in backward (the trainer
             since stop 10); False = the earlier out-of-place product, 4·V·h more at the loss node.
+        attn_out_shared: SDPA returns the attention output in (B, S, H, d) layout, so the decoder's
+            ``transpose(1, 2).contiguous()`` copies nothing and o_proj's saved input *is* SDPA's saved output
+            (2·T·h_q per layer where o_proj trains and attention is on the graph, counted once). Measured:
+            CUDA (H100 census) and CPU (tests/test_memory_model.py census, torch 2.13). False for a backend
+            that returns (B, H, S, d), where that transpose makes a copy.
     Returns an Estimate: peak bytes, the phase it occurs in, the itemisation at that point.
     """
     a = arch if isinstance(arch, Arch) else Arch.from_config(arch)
@@ -377,7 +383,7 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
     on_graph = []
     for layer in range(L):
         tr = plan["per_layer"][layer]
-        b, out_grad = _layer_saved(a, T, x_grad, tr, plan["norms"], lora_r_eff, lean_ops)
+        b, out_grad = _layer_saved(a, T, x_grad, tr, plan["norms"], lora_r_eff, lean_ops, attn_out_shared)
         on_graph.append(x_grad or b > 0)
         saved.append(b)
         x_grad = out_grad

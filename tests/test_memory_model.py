@@ -104,7 +104,8 @@ def test_saved_activation_rule_matches_autograd_census(lean):
     S = 32
     cases = [([], True), (["layers.1.self_attn.v_proj"], False), (["layers.1.mlp.down_proj"], False),
              (["layers.0.self_attn.o_proj", "layers.2.mlp.gate_proj"], False),
-             (["layers.0.mlp.up_proj"], False), (["layernorm"], False), (["layernorm", "k_proj"], True)]
+             (["layers.0.mlp.up_proj"], False), (["layernorm"], False), (["layernorm", "k_proj"], True),
+             (["layers.1.self_attn.o_proj"], True)]  # o_proj with attention on the graph: SDPA's output storage
     for names, input_grad in cases:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -134,7 +135,7 @@ def test_saved_activation_rule_matches_autograd_census(lean):
                     s.add(n)
         x_grad, want = input_grad, 0
         for layer in range(3):
-            b, x_grad = mm._layer_saved(a, S, x_grad, per_layer[layer], norms, None, lean)
+            b, x_grad = mm._layer_saved(a, S, x_grad, per_layer[layer], norms, None, lean, attn_out_shared=True)
             want += b
         if x_grad:
             want += (2 if lean else 4) * S * 64 + 4 * S  # final norm: bf16 input (lean) or fp32 copy
@@ -359,3 +360,19 @@ def test_cpu_tied_head_gradient_mechanism():
     assert abs((peak - start) - 2 * Vh) <= small, (peak - start) / Vh
     assert abs(end - start) <= small
     assert w.grad is not None and tuple(w.grad.shape) == (V, h)
+
+
+def test_o_proj_input_is_sdpa_output_when_attention_is_on_the_graph():
+    """SDPA returns its output laid out (B, S, H, d), so the decoder's transpose copies nothing and o_proj's saved
+    input is the storage SDPA saved: counted once when attention is on the graph (x_grad; the CPU census above
+    has the case), separately otherwise. ``attn_out_shared=False`` is a backend that returns (B, H, S, d)."""
+    a = mm.Arch.from_config(L8B)
+    T = 1024
+    for x_grad, saving in ((True, 2 * T * a.hq), (False, 0)):
+        copy, _ = mm._layer_saved(a, T, x_grad, {"o_proj"}, False, None, True, attn_out_shared=False)
+        shared, _ = mm._layer_saved(a, T, x_grad, {"o_proj"}, False, None, True, attn_out_shared=True)
+        assert copy - shared == saving
+    full = {x: mm.predict_peak(L1B, "full", seq=8192, lean_ops=False, attn_out_shared=x).points["forward_end"]
+            for x in (False, True)}
+    a1 = mm.Arch.from_config(L1B)
+    assert full[False] - full[True] == a1.num_hidden_layers * 2 * 8192 * a1.hq
