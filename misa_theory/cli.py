@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report block updates until ‖∇f(θ_k)‖² ≤ frac·‖∇f(θ_0)‖² (first hit, mean over seeds)")
     s.add_argument("--out", type=Path, default=None, help="folder for summary.json and PNG plots")
     s.add_argument("--no-plots", action="store_true")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="processes running (horizon, rule) runs at once; results do not depend on it")
 
     v = sub.add_parser("variance", help="layer-wise vs module-wise sampling variance on given norms")
     src = v.add_mutually_exclusive_group(required=True)
@@ -147,20 +149,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     problem = make_problem(args.problem, heterogeneity=args.heterogeneity)
     sgd0 = args.sgd_alpha0 if args.sgd_alpha0 is not None else args.alpha0
 
-    results: dict[int, dict] = {}
+    if args.jobs < 1:
+        fail(f"--jobs must be ≥ 1, got {args.jobs}")
+
+    def config(K: int) -> SimConfig:
+        return SimConfig(alpha=alpha_for(K, args.alpha0), T=args.T, delta=args.delta, sigma=args.sigma,
+                         eta=args.eta, keep_state=args.keep_state, momentum_flush=args.momentum_flush,
+                         sgd_alpha=alpha_for(K, sgd0))
+
+    runs = [(K, r) for K in Ks for r in rules]
+    done: dict[tuple[int, str], object] = {}
     bar = _progress(sum(Ks) * len(rules), f"{args.problem}")
     try:
-        for K in Ks:
-            cfg = SimConfig(alpha=alpha_for(K, args.alpha0), T=args.T, delta=args.delta, sigma=args.sigma,
-                            eta=args.eta, keep_state=args.keep_state, momentum_flush=args.momentum_flush,
-                            sgd_alpha=alpha_for(K, sgd0))
-            results[K] = {}
-            for r in rules:
-                results[K][r] = simulate(problem, r, K, args.seeds, cfg, seed=args.seed, progress=bar.update)
+        if args.jobs == 1 or len(runs) == 1:
+            for K, r in runs:
+                done[K, r] = simulate(problem, r, K, args.seeds, config(K), seed=args.seed, progress=bar.update)
+        else:
+            done = _run_parallel(problem, runs, args.seeds, config, args.seed, args.jobs, bar)
     except ValueError as e:  # e.g. a budget smaller than one layer for lisa/badam
         bar.close()
         fail(str(e))
     bar.close()
+    results: dict[int, dict] = {K: {r: done[K, r] for r in rules} for K in Ks}
 
     report: dict = {"problem": args.problem, "n_params": problem.n_params, "n_modules": problem.n_modules,
                     "seeds": args.seeds, "seed": args.seed, "T": args.T, "alpha0": args.alpha0, "delta": args.delta,
@@ -211,6 +221,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             _plots(args.out, results, report)
         print(f"wrote {args.out / 'summary.json'}")
     return 0
+
+
+def _run_parallel(problem, runs: list[tuple[int, str]], seeds: int, config, seed: int, jobs: int, bar) -> dict:
+    """Every (K, rule) run of ``runs`` in a pool of ``jobs`` processes, longest first; the same results as
+    running them one after the other (each run depends only on its own arguments, never on the others)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from .simulate import simulate
+
+    # spawn: a fresh interpreter per worker, no forked BLAS thread pools or locks
+    with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(simulate, problem, r, K, seeds, config(K), seed): (K, r)
+                   for K, r in sorted(runs, key=lambda kr: -kr[0])}
+        done = {}
+        for f in as_completed(futures):
+            done[futures[f]] = f.result()
+            bar.update(futures[f][0])
+    return done
 
 
 def _json_default(o):

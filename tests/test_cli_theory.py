@@ -64,6 +64,7 @@ def test_variance_toy_and_norms_file(tmp_path):
     (("simulate", "--K-sweep", "10,-1"), "K must be positive"),
     (("simulate", "--delta", "0"), "delta"),
     (("simulate", "--eta", "-1"), "eta"),
+    (("simulate", "--jobs", "0"), "jobs"),
     (("variance", "--toy", "llama3-8b", "--delta", "1.5"), "delta"),
     (("variance", "--toy", "llama3-8b", "--eta", "-2"), "eta"),
     (("variance", "--toy", "gpt5"), "llama3-8b"),
@@ -105,3 +106,15 @@ def test_unusable_out_folder_fails_before_simulating(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("misa_theory: error: --out: cannot create"), r.stderr
     assert r.stdout == ""  # nothing was simulated (and lost) first
+
+
+def test_jobs_do_not_change_results(tmp_path):
+    """(horizon, rule) runs in a process pool give the same summary as one after the other."""
+    common = ("simulate", "--rule", "misa,lisa,adam", "--K-sweep", "10,40", "--T", "2", "--seeds", "3",
+              "--no-plots")
+    one = run(*common, "--out", str(tmp_path / "one"))
+    two = run(*common, "--out", str(tmp_path / "two"), "--jobs", "2")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a = json.loads((tmp_path / "one" / "summary.json").read_text())
+    b = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert a == b and set(a["runs"]) == {"10", "40"}
