@@ -17,10 +17,15 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .problems import Problem
+    from .simulate import SimConfig, SimResult
 
 PROG = "misa_theory"
 TOYS = ("llama3-8b",)
@@ -223,7 +228,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_parallel(problem, runs: list[tuple[int, str]], seeds: int, config, seed: int, jobs: int, bar) -> dict:
+def _run_parallel(problem: Problem, runs: list[tuple[int, str]], seeds: int, config: Callable[[int], SimConfig],
+                  seed: int, jobs: int, bar: Any) -> dict[tuple[int, str], SimResult]:
     """Every (K, rule) run of ``runs`` in a pool of ``jobs`` processes, longest first; the same results as
     running them one after the other (each run depends only on its own arguments, never on the others)."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
