@@ -201,7 +201,7 @@ def measure(spec: str, *, steps: int = 3, inplace_head_grad: bool = True, lean: 
             e = mm.predict_peak(arch, method, active=None if d is None else [tuple(x) for x in d], **kw)
             for k, v in e.points.items():
                 pts[k] = max(pts.get(k, 0), v)
-        return {"spec": spec, "inplace_head_grad": inplace_head_grad, "lean_ops": lean_on,
+        return {"spec": spec, "inplace_head_grad": inplace_head_grad, "lean_ops": lean_on, "draws": draws,
                 "measured_gib": {k: v / mm.GIB for k, v in seg.items()},
                 "model_gib": {k: v / mm.GIB for k, v in pts.items()},
                 "vh_gib": arch["vocab_size"] * arch["hidden_size"] / mm.GIB,

@@ -388,12 +388,10 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
         saved.append(b)
         x_grad = out_grad
     transient = int(BWD_TRANSIENT_I * T * a.intermediate_size + BWD_TRANSIENT_H * T * h)
-    if ckpt:
-        kept = [2 * T * h if g else 0 for g in on_graph]
-        recompute = max(saved) if saved else 0
-    else:
-        kept = saved
-        recompute = 0
+    # with checkpointing only each on-graph layer's input stays; backward recomputes one layer at a time, and
+    # the layer being differentiated holds its own saved set (not the largest of all layers: measured on an
+    # H100, 8B BAdam seq 8192 predicted 21.65 GiB with that, 21.30 with this, 21.12 measured)
+    kept = [2 * T * h if g else 0 for g in on_graph] if ckpt else saved
 
     # --- loss path
     # ∂L/∂W of the head is computed whenever the head matrix requires grad: an untied trainable head, or a
@@ -430,7 +428,7 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
         if not on_graph[layer]:
             continue
         below -= kept[layer]
-        here = (base + below + (kept[layer] + recompute if ckpt else saved[layer]) + grads_so_far
+        here = (base + below + (kept[layer] + saved[layer] if ckpt else saved[layer]) + grads_so_far
                 + grad_bytes[layer] + transient + 2 * T * h)
         bwd_layers = max(bwd_layers, here)
         grads_so_far += grad_bytes[layer]

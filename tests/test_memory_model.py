@@ -376,3 +376,18 @@ def test_o_proj_input_is_sdpa_output_when_attention_is_on_the_graph():
             for x in (False, True)}
     a1 = mm.Arch.from_config(L1B)
     assert full[False] - full[True] == a1.num_hidden_layers * 2 * 8192 * a1.hq
+
+
+def test_checkpointed_backward_recomputes_the_layer_it_differentiates():
+    """Under checkpointing the layer being differentiated holds its own recomputed saved set, while every
+    lower layer's input is still held: BAdam's top layer costs more at the layers point than its bottom layer
+    by at least the extra the active layer saves (the earlier model charged every layer the largest set)."""
+    a = mm.Arch.from_config(L1B)
+    T = 8192
+    top = a.num_hidden_layers - 1
+    pts = {layer: mm.predict_peak(L1B, "badam", seq=T, ckpt=True, lean_ops=False,
+                                  active=[(layer, k) for k in mm.KINDS]).points["backward_layers"]
+           for layer in (0, top)}
+    active, _ = mm._layer_saved(a, T, True, set(mm.KINDS), False, None, attn_out_shared=True)
+    frozen, _ = mm._layer_saved(a, T, True, set(), False, None, attn_out_shared=True)
+    assert pts[top] - pts[0] >= active - frozen > 0
