@@ -162,7 +162,7 @@ def waterfill_rows(rates: np.ndarray, sizes: np.ndarray, free: np.ndarray, budge
             failed |= todo & (free_nr <= 0)
             step = todo & ~failed
             mu = np.where(step, rest / np.where(free_nr > 0, free_nr, 1.0), mu)
-            failed |= ~np.isfinite(mu)  # rates below ~1e-308 of the largest take budget: the sorted solver
+            failed |= ~np.isfinite(mu)  # rates below ~1e-308 of the largest take budget: optimal.waterfill
         out = np.where(p, np.clip(mu[:, None] * r, fc, 1.0), pi[rows])
     for i in np.flatnonzero(~settled):
         members = np.flatnonzero(free[rows[i]])
