@@ -90,7 +90,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
         # in place: an out-of-place product would be a second fp32 V×h tensor next to the saved one (4·V·h,
-        # 1-2 GiB on Llama-3 vocabularies) at the loss node, which is the peak of every head-training run
+        # 1-2 GiB on Llama-3 vocabularies); that made the loss node the step peak of the measured LISA/full runs
         gw = None if grad_w is None else grad_w.mul_(grad_out).to(ctx.w_dtype)
         return gh, gw, None, None, None
 
