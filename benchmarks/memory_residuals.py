@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from misa_theory import memory as mm  # noqa: E402
-from misa_train.bench_grid import ARCHS, METHODS  # noqa: E402  (torch-free)
+from misa_train.bench_grid import ARCHS, METHODS, predict_kwargs  # noqa: E402  (torch-free)
 
 FILES = ("bench_8b.json", "bench_1b.json", "bench_8b_misa1_long.json", "lean_on_1024.json", "lean_off_1024.json",
          "lean_on_8192.json", "lean_off_8192.json",
@@ -45,13 +45,7 @@ FILES = ("bench_8b.json", "bench_1b.json", "bench_8b_misa1_long.json", "lean_on_
 
 def _kw(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     method, over = METHODS[row["method"]]
-    kw = dict(seq=row["seq"], batch=row.get("batch", 1), ckpt=row["ckpt"], delta=over.get("delta", 0.01),
-              lisa_layers=over.get("lisa_layers", 2), badam_layers=over.get("badam_layers", 1),
-              lora_r=over.get("lora_r", 16), train_embeddings=over.get("train_embeddings"),
-              train_head=over.get("train_head"), lean_ops=row.get("lean_ops", False),
-              # rows recorded before the loss's in-place head gradient carry no flag: they ran out of place
-              inplace_head_grad=row.get("inplace_head_grad", False))
-    return method, kw
+    return method, predict_kwargs(row, over)
 
 
 def predict_row(row: dict[str, Any]) -> mm.Estimate:

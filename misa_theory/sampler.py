@@ -138,8 +138,6 @@ class ModuleSampler:
         self._unit_of = self.groups if layer else np.arange(self.n_modules)
         self._unit_sizes = np.bincount(self._unit_of, self.sizes, int(self._unit_of.max()) + 1).astype(np.int64)
         self.n_units = int(self._unit_sizes.shape[0])
-        order = np.argsort(self._unit_of, kind="stable")
-        self._members = np.split(order, np.cumsum(np.bincount(self._unit_of, minlength=self.n_units))[:-1])
         budget = math.floor(delta * total)
         smallest = int(self._unit_sizes.min())
         what = "layer" if layer else "module"

@@ -135,22 +135,6 @@ class SimResult:
         return self.grad_sq.min(axis=0)
 
 
-class _Layout:
-    """The problem's module geometry, so that an active mask becomes an :class:`~misa_theory.oracle.Active`."""
-
-    def __init__(self, problem: Problem, n_seeds: int) -> None:
-        self.sizes = problem.sizes
-        self.offsets = problem.offsets[:-1]
-        self.n = problem.n_params
-
-    def gather(self, mask: np.ndarray) -> Active:
-        """The :class:`~misa_theory.oracle.Active` pairs of an active mask (S, M): seed and module of each selected
-        (seed, module) pair in (module, seed) order, its size and the start of its run (a cumulative sum), with
-        the flat index of the runs (one ``repeat`` of the run starts plus a ramp) left until something asks.
-        """
-        return Active.from_mask(mask, self.sizes, self.offsets, self.n)
-
-
 def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, seed: int = 0,
              record_draws: bool = False, progress: Callable[[int], None] | None = None) -> SimResult:
     """Run K block updates of ``rule`` on ``problem`` for ``n_seeds`` seeds at once (see module docstring).
@@ -188,7 +172,6 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
             noise_mod = cfg.sigma * per_module
         else:
             noise_flat = np.tile(cfg.sigma * problem.noise_std, S)
-    layout = _Layout(problem, S)
     b1, b2, eps, T = cfg.beta1, cfg.beta2, cfg.eps, cfg.T
 
     sampler = None if full else ModuleSampler(
@@ -203,7 +186,10 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
     step = cfg.alpha if not sgd else (cfg.sgd_alpha if cfg.sgd_alpha is not None else cfg.alpha)
     flush = cfg.momentum_flush and not full
     one_b1, one_b2 = 1.0 - b1, 1.0 - b2
-    gather = layout.gather
+    sizes, starts_of = problem.sizes, problem.offsets[:-1]
+
+    def gather(mask: np.ndarray) -> Active:  # the active (seed, module) pairs of a mask (S, M)
+        return Active.from_mask(mask, sizes, starts_of, n)
 
     grad_sq = np.empty((K + 1, S))
     counts = np.zeros((S, M), dtype=np.int64)
@@ -214,7 +200,7 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
     buf_g, buf_m, buf_v, buf_t, buf_z = (np.empty(cap) for _ in range(5))
     obs = np.zeros((S, M))
     all_on = np.ones((S, M), dtype=bool)
-    cached = layout.gather(all_on) if full else None  # the baselines never change their active set
+    cached = gather(all_on) if full else None  # the baselines never change their active set
 
     for k in range(K):
         if full:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from misa_theory import memory as mm
-from misa_train.bench_grid import ARCHS, METHODS
+from misa_train.bench_grid import ARCHS, METHODS, predict_kwargs
 
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
@@ -199,11 +199,7 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
 
 def _predict(row: dict[str, Any], arch: dict[str, Any], method: str, over: dict[str, Any], batch: int) -> None:
     """Memory-model prediction (max over the recorded draws) and FLOP-based MFU."""
-    kw = dict(seq=row["seq"], batch=batch, ckpt=row["ckpt"], delta=over.get("delta", 0.01),
-              lisa_layers=over.get("lisa_layers", 2), badam_layers=over.get("badam_layers", 1),
-              lora_r=over.get("lora_r", 16), train_embeddings=over.get("train_embeddings"),
-              train_head=over.get("train_head"), lean_ops=row.get("lean_ops", False),
-              inplace_head_grad=row.get("inplace_head_grad", False))
+    kw = predict_kwargs({**row, "batch": batch}, over)
     draws = row.get("draws") or [None]
     ests = [mm.predict_peak(arch, method, active=None if d is None else [tuple(x) for x in d], **kw)
             for d in draws]

@@ -26,3 +26,15 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "misa1": ("misa", {"delta": 0.01}),
     "misa3": ("misa", {"delta": 0.03}),
 }
+
+
+def predict_kwargs(row: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``misa_theory.memory.predict_peak`` keywords for a bench row run with TrainConfig overrides ``over``.
+
+    Rows recorded before the chunked loss scaled its head gradient in place carry no ``inplace_head_grad``
+    flag: they ran out of place."""
+    return dict(seq=row["seq"], batch=row.get("batch", 1), ckpt=row["ckpt"], delta=over.get("delta", 0.01),
+                lisa_layers=over.get("lisa_layers", 2), badam_layers=over.get("badam_layers", 1),
+                lora_r=over.get("lora_r", 16), train_embeddings=over.get("train_embeddings"),
+                train_head=over.get("train_head"), lean_ops=row.get("lean_ops", False),
+                inplace_head_grad=row.get("inplace_head_grad", False))

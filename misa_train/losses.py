@@ -144,10 +144,16 @@ def model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     if parts is None:
         labels = batch.get("labels", batch["input_ids"])
         return model(**{**batch, "labels": labels}).loss
+    return parts_loss(parts, batch, loss_labels(batch))
+
+
+def parts_loss(parts: tuple[torch.nn.Module, torch.nn.Linear], batch: dict[str, torch.Tensor],
+               labels: torch.Tensor) -> torch.Tensor:
+    """:func:`model_loss` on the (decoder, head) of :func:`chunk_parts` with the labels already formed (the
+    sharded path counts their targets too)."""
     dec, head = parts
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = dec(**inputs).last_hidden_state
-    return chunked_causal_lm_loss(hidden, head.weight, loss_labels(batch))
+    hidden = dec(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
+    return chunked_causal_lm_loss(hidden, head.weight, labels)
 
 
 def chunk_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:

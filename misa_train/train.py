@@ -233,20 +233,22 @@ def forward_loss(net: torch.nn.Module, batch: dict[str, Any], sharded: bool) -> 
     call.  Per rank it returns sum_local/(n_global/world) (``num_items_in_batch``, from ``local_batch``), so
     FSDP's average over ranks is the global mean.  Models the chunked loss does not cover use their own
     forward and loss (full logits)."""
-    from misa_train.losses import chunk_parts, loss_labels, model_loss
+    from misa_train.losses import chunk_parts, loss_labels, model_loss, parts_loss
 
     if not sharded:
         return model_loss(net, batch)
-    if chunk_parts(net) is None:
+    parts = chunk_parts(net)
+    if parts is None:
         return net(**batch).loss
     n_items = batch.get("num_items_in_batch")  # absent without labels: then the local mean
     inputs = {k: v for k, v in batch.items() if k != "num_items_in_batch"}
 
     def chunked_forward(**b: Any) -> torch.Tensor:
-        mean = model_loss(net, b)
+        labels = loss_labels(b)
+        mean = parts_loss(parts, b, labels)
         if n_items is None:
             return mean
-        targets = (loss_labels(b)[:, 1:] != -100).sum()
+        targets = (labels[:, 1:] != -100).sum()
         return torch.where(targets > 0, mean * targets, torch.zeros_like(mean)) / n_items.to(mean.device)
 
     net.forward = chunked_forward  # an instance attribute: Module.__call__ (and FSDP's hooks) run it
@@ -327,7 +329,6 @@ def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any
 
     train_batches, val_enc, val_ex = build_data(cfg, tokenizer, getattr(model, "config", None))
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     start_step = 0
     if ckpt is not None:
         if distributed.is_dcp_checkpoint(ckpt):

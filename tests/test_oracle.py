@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 
 from misa_theory.oracle import Active, DenseOracle, RobustOracle, make_oracle
 from misa_theory.problems import RobustFeatures, make_problem
-from misa_theory.simulate import SimConfig, _Layout, simulate
+from misa_theory.simulate import SimConfig, simulate
+
+
+def gather(problem, mask: np.ndarray) -> Active:
+    """The active (seed, module) pairs of a mask (S, M), as simulate forms them."""
+    return Active.from_mask(mask, problem.sizes, problem.offsets[:-1], problem.n_params)
 
 
 @settings(max_examples=40, deadline=None)
@@ -21,12 +26,11 @@ def test_robust_oracle_matches_dense_gradient(seed, n_layers, d, kv, ff, m, r, S
     rng = np.random.default_rng(seed)
     theta = problem.x0(S) + rng.standard_normal((S, problem.n_params))
     fast, ref = RobustOracle(problem, theta), DenseOracle(problem, theta)
-    layout = _Layout(problem, S)
     for i in range(6):
         g = problem.grad(ref.theta)
         scale = 1.0 + float(np.max(np.einsum("sn,sn->s", g, g)))
         np.testing.assert_allclose(fast.grad_sq(), ref.grad_sq(), rtol=1e-10, atol=1e-12 * scale)
-        active = layout.gather(rng.random((S, problem.n_modules)) < frac)
+        active = gather(problem, rng.random((S, problem.n_modules)) < frac)
         got, want = np.empty(active.idx.size), np.empty(active.idx.size)
         np.testing.assert_allclose(fast.grad_at(active, got), ref.grad_at(active, want), rtol=1e-10, atol=1e-12)
         delta = 0.3 * rng.standard_normal(active.idx.size)
@@ -36,7 +40,7 @@ def test_robust_oracle_matches_dense_gradient(seed, n_layers, d, kv, ff, m, r, S
         if i % 2:  # two steps without a query in between: on the same set, then on an overlapping other set
             fast.step(active, delta)
             ref.step(active, delta)
-            other = layout.gather(rng.random((S, problem.n_modules)) < frac)
+            other = gather(problem, rng.random((S, problem.n_modules)) < frac)
             delta = 0.3 * rng.standard_normal(other.idx.size)
             fast.step(other, delta)
             ref.step(other, delta)
@@ -51,7 +55,7 @@ def test_robust_oracle_matches_dense_gradient(seed, n_layers, d, kv, ff, m, r, S
 def test_robust_oracle_refuses_pairs_out_of_module_order():
     problem = RobustFeatures(n_layers=2, d=4, kv=2, ff=6)
     oracle = RobustOracle(problem, problem.x0(2))
-    active = _Layout(problem, 2).gather(np.ones((2, problem.n_modules), dtype=bool))
+    active = gather(problem, np.ones((2, problem.n_modules), dtype=bool))
     swapped = Active(active.seed[::-1].copy(), active.module[::-1].copy(), active.starts, active.lens[::-1].copy(),
                      problem.offsets[:-1], problem.n_params)
     with pytest.raises(ValueError, match="sorted by module"):
