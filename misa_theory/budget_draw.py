@@ -66,6 +66,8 @@ class BudgetDraw:
         self._class_at = np.sort(self.class_of)
         self._start_at = np.searchsorted(self._class_at, self._class_at, side="left")
         self._block_starts = np.unique(self._start_at)
+        self._block_spread = np.zeros((C, U))  # (C, U): row c is 1 on the positions of class c's block
+        self._block_spread[self._class_at, np.arange(U)] = 1.0
         idx_bits = max(1, (U - 1).bit_length())
         cls_bits = max(1, (C - 1).bit_length())
         rand_bits = 64 - idx_bits - cls_bits
@@ -94,12 +96,27 @@ class BudgetDraw:
             return raw.view(np.int64)  # unit indices after the mask: reinterpreting them copies nothing
         return np.argsort(self.class_of + rng.random((R, U)), axis=1)
 
-    def __call__(self, pi: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One draw per row of ``pi`` (R, U): a boolean mask (R, U) with Σ_u n_u mask_su ≤ budget."""
+    def variates(self, rng: np.random.Generator, R: int) -> tuple[np.ndarray, np.ndarray]:
+        """The random input of one draw of R rows, which does not depend on π: the uniforms (R, 2C+1) and the
+        random order (R, U), drawn in that order.  A caller may take them ahead of time and pass them to
+        :meth:`__call__`; the generator advances exactly as if the draw had taken them itself."""
+        C = self.class_sizes.size
+        # fixed shapes: pipage steps (C−1, padded to C), the lift of the last class, the C systematic offsets
+        u = rng.random((R, 2 * C + 1))
+        return u, self._order(rng, R)
+
+    def __call__(self, pi: np.ndarray, rng: np.random.Generator,
+                 variates: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """One draw per row of ``pi`` (R, U): a boolean mask (R, U) with Σ_u n_u mask_su ≤ budget.
+
+        ``variates``: this draw's :meth:`variates`, if the caller took them ahead (else drawn here)."""
         R, U = pi.shape
         C = self.class_sizes.size
+        u, order = self.variates(rng, R) if variates is None else variates
+        # count_nonzero, ufunc reductions and products with one-hot matrices instead of the ndarray methods
+        # and column indexing: the arrays are small enough that numpy's per-call cost is the whole cost
         forced = pi >= 1.0 - _TOL
-        any_forced = forced.any()
+        any_forced = np.count_nonzero(forced)
         p, left = pi, float(self.budget)
         if any_forced:
             p = np.where(forced, 0.0, pi)
@@ -108,16 +125,14 @@ class BudgetDraw:
         counts = np.floor(expected + _TOL)
         frac = expected - counts  # in [−TOL, 1 − TOL]
         frac[frac < _TOL] = 0.0
-        # fixed shapes: pipage steps (C−1, padded to C), the lift of the last class, the C systematic offsets
-        u = rng.random((R, 2 * C + 1))
         up, last, leftover = self._round_classes(frac, u[:, :C])
         counts += up
         has = last >= 0
-        if has.any():
+        if np.count_nonzero(has):
             # the one class left fractional goes up only if a whole extra unit of it fits (else: documented bias)
             rows = self._rows(R)
             c = np.maximum(last, 0)
-            spent = counts @ self._fclass_sizes + self._fclass_sizes[c]
+            spent = counts @ self._fclass_sizes + self._fclass_sizes.take(c)
             lift = has & (spent <= left) & (u[:, C] < leftover)
             up[rows, c] |= lift
             counts[rows, c] += lift
@@ -125,15 +140,17 @@ class BudgetDraw:
         v = u[:, C + 1:]
         v = np.where(up, v * frac, frac + v * (1.0 - frac))
 
-        order = self._order(rng, R)
         flat = order + self._row_offsets(R)
         cum = np.zeros((R, U + 1))
         np.cumsum(p.take(flat), axis=1, out=cum[:, 1:])
-        off = v[:, self._class_at]
-        off += cum[:, self._start_at]  # systematic points V + i counted from the start of the class block
-        hits = np.ceil(cum[:, 1:] - off)
+        # systematic points V + i counted from the start of each class block, spread to the block's positions
+        # (a product with the (C, U) block indicator: x·1 + 0 + … is exact)
+        v += cum[:, self._block_starts]
+        off = v @ self._block_spread
+        hits = np.subtract(cum[:, 1:], off, out=off)
+        np.ceil(hits, out=hits)
         np.maximum(hits, 0.0, out=hits)
-        np.minimum(hits, counts[:, self._class_at], out=hits)
+        np.minimum(hits, counts @ self._block_spread, out=hits)
         # points before position j: the previous position's count inside a block, 0 at a block's start
         before = np.empty((R, U))
         before[:, 1:] = hits[:, :-1]

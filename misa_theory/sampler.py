@@ -155,6 +155,7 @@ class ModuleSampler:
         self._drawer = BudgetDraw(self._unit_sizes, self.budget)
         self._class_sizes = self._drawer.class_sizes.astype(np.float64)
         self._class_of = self._drawer.class_of
+        self._onehot_t = np.ascontiguousarray(self._drawer.onehot.T)  # (C, U): a per-class row → per unit
         self._capacity = np.floor(self.budget / self._class_sizes + _TOL)
         self._fsizes = self._unit_sizes.astype(np.float64)
         self._inv_sizes = 1.0 / self._fsizes
@@ -182,6 +183,7 @@ class ModuleSampler:
         self.rng = np.random.default_rng(self.seed)
         self._ema = np.zeros((S, self.n_modules))
         self._count = np.zeros((S, self.n_modules), dtype=np.int64)
+        self._observed_calls = 0  # an upper bound on every count
         self._scores = np.zeros((S, self.n_modules))
         self._bias = np.zeros(0)
         self._all_explored = False
@@ -189,6 +191,7 @@ class ModuleSampler:
         self._cycle: list[np.ndarray] = [np.zeros(0, dtype=np.int64) for _ in range(S)]
         self._cycle_pos = np.zeros(S, dtype=np.int64)
         self.n_draws = 0
+        self._prefetched: tuple[np.ndarray, np.ndarray] | None = None
         self._last = self._target_rows()
 
     def _squeeze(self, a: np.ndarray) -> np.ndarray:
@@ -198,9 +201,12 @@ class ModuleSampler:
     def _refresh_scores(self, where: np.ndarray | None = None) -> None:
         """score = m/(1 − β^c) where c > 0 (0 elsewhere), recomputed on ``where`` (all entries if None)."""
         seen = self._count > 0 if where is None else where
-        top = int(self._count.max(initial=0))
-        if top >= self._bias.size:  # 1 − β^c for every count so far, by the same power as elementwise
-            self._bias = 1.0 - np.power(self.ema_beta, np.arange(max(2 * top, 64)))
+        # 1 − β^c for every count so far, by the same power as elementwise; an observe adds at most 1 to a
+        # count, so the largest count needs looking at only once the number of observe calls reaches the table
+        if self._observed_calls >= self._bias.size:
+            top = int(self._count.max(initial=0))
+            if top >= self._bias.size:
+                self._bias = 1.0 - np.power(self.ema_beta, np.arange(max(2 * top, 64)))
         if where is None:
             self._scores = np.zeros(self._ema.shape)
         np.divide(self._ema, self._bias.take(self._count), out=self._scores, where=seen)
@@ -264,7 +270,8 @@ class ModuleSampler:
             if values.shape != shape:
                 raise ValueError(f"sq_norms must have shape {shape}, got {values.shape}")
             seen = values[mask]
-            if not ((seen >= 0) & (seen < np.inf)).all():  # also false on NaN
+            # min ≥ 0 and max < ∞, both false on NaN: two reductions instead of three passes and an all()
+            if seen.size and not (np.minimum.reduce(seen) >= 0 and np.maximum.reduce(seen) < np.inf):
                 raise ValueError("sq_norms must be finite and non-negative where the mask is set")
         self._observe_rows(mask, values)
 
@@ -272,6 +279,7 @@ class ModuleSampler:
         b = self.ema_beta
         np.copyto(self._ema, b * self._ema + (1.0 - b) * values, where=mask)
         self._count += mask
+        self._observed_calls += 1
         self._refresh_scores(mask)
         if self.rule in LAYER_RULES:
             rows, cols = np.nonzero(mask)
@@ -288,28 +296,36 @@ class ModuleSampler:
             if self._tilt is not None:
                 rates *= self._tilt
             return rates
-        score = scores.copy() if all_free else scores * free
-        top = score.max(axis=1)
+        # ufunc reductions and count_nonzero rather than the ndarray methods: this runs on every draw, on
+        # arrays so small that the methods' Python wrappers cost more than the arithmetic
+        score = scores if all_free else scores * free
+        top = np.maximum.reduce(score, axis=1)
         live = top > 0
+        all_live = np.count_nonzero(live) == live.size
         if self.rule == "misa":
             # p ∝ exp(η·s/mean_free(s)), the mean over the free units as the scores are scale-free there;
             # shifted by the largest logit (overflow) and left unnormalised (μ absorbs the scale)
             # (dividing the shifted scores by the mean cannot overflow: |s − top| ≤ top ≤ count·mean)
+            total = np.add.reduce(score, axis=1)
             count = self._n_reachable if all_free else free.sum(axis=1)
-            mean = np.ones(live.shape)
-            np.divide(score.sum(axis=1), count, out=mean, where=live)
-            score -= top[:, None]
+            if all_live:
+                mean = total / count
+            else:
+                mean = np.ones(live.shape)
+                np.divide(total, count, out=mean, where=live)
+            score = np.subtract(score, top[:, None], out=None if all_free else score)
             score /= mean[:, None]
             if self.eta != 1.0:
                 score *= self.eta
             rates = np.exp(score, out=score)
         else:
-            rates = np.sqrt(score * self._inv_sizes, out=score)
+            rates = np.multiply(score, self._inv_sizes, out=None if all_free else score)
+            np.sqrt(rates, out=rates)
         if self._tilt is not None:  # scale-free rates: multiplying is adding log-tilt to the logit
             rates *= self._tilt
         if not all_free:
             rates *= free
-        if live.all():
+        if all_live:
             return rates
         # no positive score among a row's free units: equal rates (tilted) over them
         flat = free if self._tilt is None else free * self._tilt
@@ -330,14 +346,15 @@ class ModuleSampler:
         if self.rule in SCORE_RULES:  # score rules are module-wise: units are modules
             scores = self._scores if rows is None else self._scores[rows]
         R = self._n_streams if rows is None else rows.size
-        free = self._reachable_rows.copy() if rows is None else self._reachable_rows[rows]
-        budget = np.full(R, float(self.budget))
-        capacity = self._capacity
+        free = self._reachable_rows if rows is None else self._reachable_rows[rows]  # never written in place
+        budget: float | np.ndarray = float(self.budget)  # one number until a class is pinned, then (R,)
+        capacity = self._capacity  # (C,) until a class is pinned, then (R, C)
         all_free = self._all_reachable
-        gone = np.zeros((R, self._class_sizes.size), dtype=bool)  # classes taken out, per row
+        gone = None  # classes taken out, per row
         going = None  # rows still re-spreading (None: all)
         pi = None
         floor = self.min_inclusion
+        onehot, onehot_t = self._drawer.onehot, self._onehot_t
         while True:
             work = free if going is None else free & going[:, None]
             rates = self._rates_rows(scores, work, all_free)
@@ -346,28 +363,29 @@ class ModuleSampler:
             else:
                 # after a class is pinned the rest of the budget may not pay the floor of every free unit: the
                 # floor drops to what it can pay, an equal share (the budget binds; validated in the first pass)
-                share = budget / np.maximum(work @ self._fsizes, 1.0)
-                p = waterfill_rows(rates, self._fsizes, work, budget, np.minimum(floor, share))
+                row_budget = np.broadcast_to(budget, (R,))
+                share = row_budget / np.maximum(work @ self._fsizes, 1.0)
+                p = waterfill_rows(rates, self._fsizes, work, row_budget, np.minimum(floor, share))
             pi = p if pi is None else np.where(work, p, pi)
-            expected = self._drawer.expected(p)  # 0 on classes taken out earlier and on settled rows
+            expected = p @ onehot  # E_s; 0 on classes taken out earlier and on settled rows
             over = expected > capacity + 1e-9
-            if not over.any():
+            if not np.count_nonzero(over):
                 return pi
-            hit = over.any(axis=1)
+            hit = np.logical_or.reduce(over, axis=1)
             # classes over capacity: scale to capacity, take them and their budget out, re-spread the rest
             scale = np.ones(over.shape)
             np.divide(capacity, expected, out=scale, where=over)
-            pi *= scale[:, self._class_of]
-            budget -= (over * capacity) @ self._class_sizes
-            gone |= over
-            free &= ~over[:, self._class_of]
+            pi *= scale @ onehot_t  # scale per unit's class (x·1 + 0 + … is exact; cheaper than indexing)
+            budget = budget - (over * capacity) @ self._class_sizes
+            gone = over if gone is None else gone | over
+            free = free & ((over @ onehot_t) == 0.0)
             all_free = False
             # a row whose budget no longer fits any free unit is done, its free units at 0 (inf: none left)
-            stuck = hit & (budget < np.where(gone, np.inf, self._class_sizes_reachable).min(axis=1))
-            if stuck.any():
+            stuck = hit & (budget < np.minimum.reduce(np.where(gone, np.inf, self._class_sizes_reachable), axis=1))
+            if np.count_nonzero(stuck):
                 pi = np.where(stuck[:, None] & free, 0.0, pi)
             going = hit & ~stuck
-            if not going.any():
+            if not np.count_nonzero(going):
                 return pi
             capacity = np.floor(budget[:, None] / self._class_sizes + _TOL)
 
@@ -401,7 +419,8 @@ class ModuleSampler:
             exploring = None if self._all_explored else self._exploring_rows()
             if exploring is None or not exploring.any():  # every stream draws from its target: no row bookkeeping
                 pi = self._target_units(None)
-                units = self._drawer(pi, self.rng)
+                units = self._drawer(pi, self.rng, self._prefetched)
+                self._prefetched = None
                 self._last = pi[:, self._unit_of] if self.rule in LAYER_RULES else pi
             else:
                 units = np.zeros((S, self.n_units), dtype=bool)
@@ -415,10 +434,20 @@ class ModuleSampler:
         if not self._all_explored:  # afterwards every unit is visited
             self._visited |= units
         self.n_draws += 1
-        if np.any(units @ self._fsizes > self.budget):  # guaranteed by construction; keep memory safe anyway
+        if np.maximum.reduce(units @ self._fsizes) > self.budget:  # guaranteed by construction; keep memory safe
             raise AssertionError("ModuleSampler drew over budget; please report this as a bug")
         modules = units[:, self._unit_of] if self.rule in LAYER_RULES else units
         return np.flatnonzero(modules[0]).astype(np.int64) if self.streams is None else modules
+
+    def prefetch(self) -> None:
+        """Take the next draw's random input now, if it is known to be a target draw of every stream (no
+        exploration left, not badam).  The generator advances exactly as that draw would advance it, so the
+        draws are unchanged; :class:`~misa_theory.sampler_process.SamplerProcess` calls this while it waits
+        for the observation.  No other use of the generator may come between this and the draw."""
+        if self.rule == "badam" or self._prefetched is not None:
+            return
+        if self._all_explored or not (self.explore and self.rule in SCORE_RULES):
+            self._prefetched = self._drawer.variates(self.rng, self._n_streams)
 
     def _pack(self, candidates: np.ndarray) -> np.ndarray:
         """First-fit of ``candidates`` (in the given order) into the budget."""
@@ -470,6 +499,8 @@ class ModuleSampler:
 
         Per-stream entries are nested one level deeper with ``streams`` (lists of S rows).
         """
+        if self._prefetched is not None:
+            raise RuntimeError("state_dict() between prefetch() and draw(): the generator is a draw ahead")
         one = self.streams is None
         return {
             "rule": self.rule,
@@ -497,6 +528,7 @@ class ModuleSampler:
         S = self._n_streams
         self._ema = np.asarray(state["ema"], dtype=np.float64).reshape(S, self.n_modules)
         self._count = np.asarray(state["count"], dtype=np.int64).reshape(S, self.n_modules)
+        self._observed_calls = int(self._count.max(initial=0))
         self._refresh_scores()
         self._visited = np.asarray(state["visited"], dtype=bool).reshape(S, self.n_units)
         self._all_explored = False
@@ -506,3 +538,4 @@ class ModuleSampler:
         self.n_draws = int(state["n_draws"])
         self._last = np.asarray(state["last_inclusion"], dtype=np.float64).reshape(S, self.n_modules)
         self.rng.bit_generator.state = state["rng"]
+        self._prefetched = None

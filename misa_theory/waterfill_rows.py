@@ -64,52 +64,59 @@ def waterfill_sorted(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -
     return np.where(pos & (t_j > 0)[:, None], pi, pos.astype(np.float64))
 
 
-def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -> np.ndarray:
+def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float, mu: np.ndarray,
+                x: np.ndarray) -> np.ndarray:
     """Floor-0 rows with zero rates off the free units and Σ_{r>0} N > budget: the capped-set iteration of
-    the module docstring on all rows at once, rows left moving finished by :func:`waterfill_sorted`."""
+    the module docstring on all rows at once from its first iterate μ = budget/Σ N r, x = μ·r (the caller's),
+    rows left moving finished by :func:`waterfill_sorted`."""
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # μ may overflow: checked below
-        mu = budget / (rates @ sizes)
-        x = mu[:, None] * rates
         capped = x >= 1.0
-        if not capped.any() and np.isfinite(mu).all():  # the common case: μ = budget/Σ N r caps nothing
+        if not np.count_nonzero(capped) and np.isfinite(mu).all():  # μ = budget/Σ N r caps nothing
             return x
         nr = rates * sizes
-        count = capped.sum(axis=1)
+        count = np.count_nonzero(capped)
         for _ in range(_CAPPED_SET_PASSES):
-            mu = (budget - capped @ sizes) / np.where(capped, 0.0, nr).sum(axis=1)
+            nr_free = np.where(capped, 0.0, nr)
+            mu = (budget - capped @ sizes) / np.add.reduce(nr_free, axis=1)
             x = mu[:, None] * rates
-            capped = x >= 1.0
-            new = capped.sum(axis=1)
-            moving = new != count  # C only grows, so an unchanged size is an unchanged set: μ is exact
-            if not moving.any() and np.isfinite(mu).all():
-                return np.minimum(x, 1.0)
+            last, capped = capped, x >= 1.0
+            new = np.count_nonzero(capped)
+            # every row's C only grows, so an unchanged total is an unchanged set in every row: μ is exact
+            if new == count and np.isfinite(np.add.reduce(mu)):  # a sum that overflows only costs passes
+                return np.minimum(x, 1.0, out=x)
             count = new
     # rows still moving, and rows whose μ left the float range (rates below ~1e-308 of the largest take budget)
-    moving |= ~np.isfinite(mu)
+    moving = np.logical_or.reduce(capped != last, axis=1) | ~np.isfinite(mu)
     x = np.minimum(x, 1.0)
     rows = np.flatnonzero(moving)
-    x[rows] = waterfill_sorted(rates[rows], sizes, budget[rows])
+    x[rows] = waterfill_sorted(rates[rows], sizes, np.broadcast_to(budget, mu.shape)[rows])
     return x
 
 
-def waterfill_rows_floor0(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -> np.ndarray:
+def waterfill_rows_floor0(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float) -> np.ndarray:
     r""":func:`waterfill_rows` at floor 0 with the free set given by the rates: r_su > 0 exactly on the units
-    row s may spend on (zero elsewhere), so there is no mask to apply.  Shapes as there."""
+    row s may spend on (zero elsewhere), so there is no mask to apply.  Shapes as there; ``budget`` may also
+    be one number for every row."""
     den = rates @ sizes
-    with np.errstate(divide="ignore", invalid="ignore"):  # rows without a positive rate: NaN, fixed below
-        x = (budget / den)[:, None] * rates
+    if np.count_nonzero(den) == den.size:
+        mu = budget / den
+        x = mu[:, None] * rates
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):  # rows without a positive rate: NaN, fixed below
+            mu = budget / den
+            x = mu[:, None] * rates
     if np.fmax.reduce(x, axis=None) < 1.0:  # nothing capped (fmax skips NaN): π ∝ r, Σ_{r>0} N > budget
-        if not den.all():
+        if np.count_nonzero(den) != den.size:
             x[den == 0.0] = 0.0  # rows with no free unit (settled rows of a later pass)
         return x
     pos = rates > 0
     spend = (pos @ sizes) <= budget  # every positive rate fits whole: π = 1 there, 0 elsewhere
-    if not spend.any():
-        return _capped_set(rates, sizes, budget)
+    if not np.count_nonzero(spend):
+        return _capped_set(rates, sizes, budget, mu, x)
     pi = pos.astype(np.float64)
     rows = np.flatnonzero(~spend)
     if rows.size:
-        pi[rows] = _capped_set(rates[rows], sizes, budget[rows])
+        pi[rows] = _capped_set(rates[rows], sizes, np.broadcast_to(budget, den.shape)[rows], mu[rows], x[rows])
     return pi
 
 
