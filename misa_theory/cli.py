@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=None, help="folder for summary.json and PNG plots")
     s.add_argument("--no-plots", action="store_true")
     s.add_argument("--jobs", type=int, default=1,
-                   help="processes running (horizon, rule) runs at once; results do not depend on it")
+                   help="processes to use: several (horizon, rule) runs go to a pool of that many; a single run "
+                        "with --jobs ≥ 2 puts its sampler in a second process; results do not depend on it")
 
     v = sub.add_parser("variance", help="layer-wise vs module-wise sampling variance on given norms")
     src = v.add_mutually_exclusive_group(required=True)
@@ -129,6 +130,7 @@ def _progress(total: int, desc: str):
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run the ``simulate`` command; returns the exit code."""
     from .problems import make_problem
+    from .sampler_process import available as sampler_process_available
     from .simulate import SimConfig, alpha_for, block_updates_to_target, rate_fit, simulate, summarize
 
     rules = _rules(args.rule)
@@ -167,8 +169,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     bar = _progress(sum(Ks) * len(rules), f"{args.problem}")
     try:
         if args.jobs == 1 or len(runs) == 1:
+            two = args.jobs >= 2 and sampler_process_available()  # one run: its sampler takes the second core
             for K, r in runs:
-                done[K, r] = simulate(problem, r, K, args.seeds, config(K), seed=args.seed, progress=bar.update)
+                done[K, r] = simulate(problem, r, K, args.seeds, config(K), seed=args.seed, progress=bar.update,
+                                      sampler_process=two)
         else:
             done = _run_parallel(problem, runs, args.seeds, config, args.seed, args.jobs, bar)
     except ValueError as e:  # e.g. a budget smaller than one layer for lisa/badam
