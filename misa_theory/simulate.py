@@ -158,9 +158,9 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
         progress: called with the number of block updates just finished (for a progress bar).
         sampler_process: run the sampler in a second process, one draw ahead
             (:class:`~misa_theory.sampler_process.SamplerProcess`): bit-identical results, faster on a
-            machine with a free core (it costs ~0.5 s to start, so it pays off from a few thousand block
-            updates); ignored by the baselines and where :func:`misa_theory.sampler_process.available` is
-            false.
+            machine with a free core (a fork, ≈ 20 ms to start, and it saves ≈ 0.1 ms per block update on the
+            bench problem); ignored by the baselines and where :func:`misa_theory.sampler_process.available`
+            is false.
 
     Returns:
         :class:`SimResult` with grad_sq of shape (K+1, S).
