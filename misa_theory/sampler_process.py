@@ -124,8 +124,8 @@ class SamplerProcess:
         self.budget = probe.budget
         S, M = probe._n_streams, probe.n_modules
         self._S, self._M, self._K, self._k = S, M, K, 0
-        # fork: no re-import of the caller's __main__ (which spawn needs guarded) and a ~10 ms start; the child
-        # runs nothing but this module's numpy code, so the parent's threads do not matter to it
+        # fork (multiprocessing's Linux default before Python 3.14): no re-import of the caller's __main__,
+        # which spawn needs guarded, and a start of ≈ 20 ms; the child runs only this module's numpy code
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         self._raw = ctx.RawArray(ctypes.c_uint8, _nbytes(S, M))
         self._ctl, self._obs, self.target, self._mask, self._err = _views(self._raw, S, M)
