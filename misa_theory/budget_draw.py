@@ -61,11 +61,10 @@ class BudgetDraw:
         self._fclass_sizes = self.class_sizes.astype(np.float64)
         self._offsets = np.zeros((0, 1), dtype=np.intp)
         self._arange = np.zeros(0, dtype=np.intp)
-        # the random order lays the classes out as fixed blocks (class 0 first); per position: its class and
-        # the position its block starts at (an index into the cumulative sums, which carry a leading 0)
+        # the random order lays the classes out as fixed blocks (class 0 first): per position its class, and
+        # where each block starts (an index into the cumulative sums, which carry a leading 0)
         self._class_at = np.sort(self.class_of)
-        self._start_at = np.searchsorted(self._class_at, self._class_at, side="left")
-        self._block_starts = np.unique(self._start_at)
+        self._block_starts = np.searchsorted(self._class_at, np.arange(C), side="left")
         self._block_spread = np.zeros((C, U))  # (C, U): row c is 1 on the positions of class c's block
         self._block_spread[self._class_at, np.arange(U)] = 1.0
         idx_bits = max(1, (U - 1).bit_length())
@@ -78,10 +77,6 @@ class BudgetDraw:
             self._cls_shift = np.uint64(cls_bits)
             self._template = (self.class_of.astype(np.uint64) << np.uint64(64 - cls_bits)) | np.arange(
                 U, dtype=np.uint64)
-
-    def expected(self, pi: np.ndarray) -> np.ndarray:
-        """E_s = Σ_{u∈s} π_u per row and size class, shape (R, C)."""
-        return pi @ self.onehot
 
     def _order(self, rng: np.random.Generator, R: int) -> np.ndarray:
         """(R, U) unit indices: class blocks in class order, uniformly shuffled inside each block."""

@@ -154,7 +154,6 @@ class ModuleSampler:
         # few distinct sizes (q/o, k/v, MLP): class ids are fixed, so everything per class is computed once
         self._drawer = BudgetDraw(self._unit_sizes, self.budget)
         self._class_sizes = self._drawer.class_sizes.astype(np.float64)
-        self._class_of = self._drawer.class_of
         self._onehot_t = np.ascontiguousarray(self._drawer.onehot.T)  # (C, U): a per-class row → per unit
         self._capacity = np.floor(self.budget / self._class_sizes + _TOL)
         self._fsizes = self._unit_sizes.astype(np.float64)
