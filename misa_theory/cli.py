@@ -130,7 +130,6 @@ def _progress(total: int, desc: str):
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run the ``simulate`` command; returns the exit code."""
     from .problems import make_problem
-    from .sampler_process import available as sampler_process_available
     from .simulate import SimConfig, alpha_for, block_updates_to_target, rate_fit, simulate, summarize
 
     rules = _rules(args.rule)
@@ -169,10 +168,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     bar = _progress(sum(Ks) * len(rules), f"{args.problem}")
     try:
         if args.jobs == 1 or len(runs) == 1:
-            two = args.jobs >= 2 and sampler_process_available()  # one run: its sampler takes the second core
-            for K, r in runs:
+            for K, r in runs:  # one run with --jobs ≥ 2: its sampler takes the second core (where simulate can)
                 done[K, r] = simulate(problem, r, K, args.seeds, config(K), seed=args.seed, progress=bar.update,
-                                      sampler_process=two)
+                                      sampler_process=args.jobs >= 2)
         else:
             done = _run_parallel(problem, runs, args.seeds, config, args.seed, args.jobs, bar)
     except ValueError as e:  # e.g. a budget smaller than one layer for lisa/badam

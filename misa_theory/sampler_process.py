@@ -123,7 +123,7 @@ class SamplerProcess:
         probe = ModuleSampler(**kwargs)  # raises on bad arguments before a process starts
         self.budget = probe.budget
         S, M = probe._n_streams, probe.n_modules
-        self._S, self._M, self._K, self._k = S, M, K, 0
+        self._K, self._k = K, 0
         # fork (multiprocessing's Linux default before Python 3.14): no re-import of the caller's __main__,
         # which spawn needs guarded, and a start of ≈ 20 ms; the child runs only this module's numpy code
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
