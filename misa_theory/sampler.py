@@ -87,6 +87,8 @@ class ModuleSampler:
             is the paper's rule; every reachable module keeps π > 0.
     """
 
+    _share_passes = True  # the shared-bookkeeping shortcut of _target_units (False: per row; for tests)
+
     def __init__(
         self,
         sizes: Any,
@@ -156,6 +158,9 @@ class ModuleSampler:
         self._class_sizes = self._drawer.class_sizes.astype(np.float64)
         self._onehot_t = np.ascontiguousarray(self._drawer.onehot.T)  # (C, U): a per-class row → per unit
         self._capacity = np.floor(self.budget / self._class_sizes + _TOL)
+        self._capacity_limit = self._capacity + 1e-9  # E_s above this is over capacity
+        self._shared_pass: dict[tuple[bytes, ...], tuple[Any, ...]] = {}  # see _target_units
+        self._warm: dict[int, np.ndarray] = {}  # each target pass's capped set at the last draw (warm start)
         self._fsizes = self._unit_sizes.astype(np.float64)
         self._inv_sizes = 1.0 / self._fsizes
         self._n_reachable = float(self._reachable.sum())
@@ -287,9 +292,11 @@ class ModuleSampler:
             self._visited |= mask
 
     # ------------------------------------------------------------------ targets
-    def _rates_rows(self, scores: np.ndarray, free: np.ndarray, all_free: bool = False) -> np.ndarray:
+    def _rates_rows(self, scores: np.ndarray, free: np.ndarray, all_free: bool = False,
+                    count: float | None = None) -> np.ndarray:
         """The rule's water-filling rates, 0 off the ``free`` units of each row (scale-free: μ absorbs the
-        scale).  ``all_free`` promises that every unit is free (skips the masking)."""
+        scale).  ``all_free`` promises that every unit is free (skips the masking); ``count``, if given, is the
+        number of free units in every row."""
         if self.rule not in SCORE_RULES:
             rates = free.astype(np.float64)
             if self._tilt is not None:
@@ -306,7 +313,8 @@ class ModuleSampler:
             # shifted by the largest logit (overflow) and left unnormalised (μ absorbs the scale)
             # (dividing the shifted scores by the mean cannot overflow: |s − top| ≤ top ≤ count·mean)
             total = np.add.reduce(score, axis=1)
-            count = self._n_reachable if all_free else free.sum(axis=1)
+            if count is None:
+                count = free.sum(axis=1)
             if all_live:
                 mean = total / count
             else:
@@ -340,41 +348,72 @@ class ModuleSampler:
         budget is re-spread over the other classes by the same rule; each row does this independently.
         Every pass takes at least one class out, so there are at most (number of classes) + 1 passes, each
         a fixed number of whole-array operations over all rows (rows already settled take no free units).
+
+        Two shortcuts change the cost, not the result.  While every row takes out the same classes (the
+        usual case: the largest class alone is over its capacity everywhere), the rest budget, capacities,
+        free units and stuck test are the same for every row, so they are looked up per sequence of classes
+        taken out.  With all streams at floor 0, each pass's water-filling starts from the capped set that
+        pass found at the previous draw (:func:`~misa_theory.waterfill_rows.waterfill_rows_floor0`'s warm
+        start): scores move little between draws, so that set is usually already the answer.
         """
         scores = None
         if self.rule in SCORE_RULES:  # score rules are module-wise: units are modules
             scores = self._scores if rows is None else self._scores[rows]
         R = self._n_streams if rows is None else rows.size
         free = self._reachable_rows if rows is None else self._reachable_rows[rows]  # never written in place
-        budget: float | np.ndarray = float(self.budget)  # one number until a class is pinned, then (R,)
-        capacity = self._capacity  # (C,) until a class is pinned, then (R, C)
+        budget: float | np.ndarray = float(self.budget)  # one number while every row took out the same classes
+        capacity, limit = self._capacity, self._capacity_limit  # (C,) likewise, then (R, C)
+        count: float | None = self._n_reachable  # free units per row while they are the same (None: count them)
         all_free = self._all_reachable
         gone = None  # classes taken out, per row
         going = None  # rows still re-spreading (None: all)
+        # the classes every row took out, pass by pass (None: rows differ, or the shortcut is off)
+        shared: tuple[bytes, ...] | None = () if self._share_passes else None
         pi = None
         floor = self.min_inclusion
+        warm = self._warm if rows is None and floor == 0.0 else None
         onehot, onehot_t = self._drawer.onehot, self._onehot_t
+        n_pass = 0
         while True:
             work = free if going is None else free & going[:, None]
-            rates = self._rates_rows(scores, work, all_free)
+            rates = self._rates_rows(scores, work, all_free, count)
             if floor == 0.0:
-                p = waterfill_rows_floor0(rates, self._fsizes, budget)
+                p = waterfill_rows_floor0(rates, self._fsizes, budget, None if warm is None else warm.get(n_pass))
+                if warm is not None:
+                    warm[n_pass] = p >= 1.0
             else:
                 # after a class is pinned the rest of the budget may not pay the floor of every free unit: the
                 # floor drops to what it can pay, an equal share (the budget binds; validated in the first pass)
                 row_budget = np.broadcast_to(budget, (R,))
                 share = row_budget / np.maximum(work @ self._fsizes, 1.0)
                 p = waterfill_rows(rates, self._fsizes, work, row_budget, np.minimum(floor, share))
+            n_pass += 1
             pi = p if pi is None else np.where(work, p, pi)
             expected = p @ onehot  # E_s; 0 on classes taken out earlier and on settled rows
-            over = expected > capacity + 1e-9
-            if not np.count_nonzero(over):
+            over = expected > limit
+            n_over = np.count_nonzero(over)
+            if not n_over:
                 return pi
-            hit = np.logical_or.reduce(over, axis=1)
             # classes over capacity: scale to capacity, take them and their budget out, re-spread the rest
             scale = np.ones(over.shape)
             np.divide(capacity, expected, out=scale, where=over)
             pi *= scale @ onehot_t  # scale per unit's class (x·1 + 0 + … is exact; cheaper than indexing)
+            if shared is not None:
+                col = np.logical_or.reduce(over, axis=0)
+                if n_over == R * np.count_nonzero(col):  # every row took out exactly these classes
+                    shared += (col.tobytes(),)
+                    step = self._shared_pass.get(shared)
+                    if step is None:
+                        step = self._shared_pass[shared] = self._shared_step(shared, col, budget, capacity, gone)
+                    budget, capacity, limit, gone, keep, count, stuck = step
+                    free = free & keep
+                    all_free = False
+                    if stuck:  # the rest of the budget fits no free unit: they stay at 0
+                        return np.where(free, 0.0, pi)
+                    continue
+                shared = None
+            count = None  # rows may differ from here on
+            hit = np.logical_or.reduce(over, axis=1)
             budget = budget - (over * capacity) @ self._class_sizes
             gone = over if gone is None else gone | over
             free = free & ((over @ onehot_t) == 0.0)
@@ -387,6 +426,23 @@ class ModuleSampler:
             if not np.count_nonzero(going):
                 return pi
             capacity = np.floor(budget[:, None] / self._class_sizes + _TOL)
+            limit = capacity + 1e-9
+
+    def _shared_step(self, key: tuple[bytes, ...], col: np.ndarray, budget: float, capacity: np.ndarray,
+                     gone: np.ndarray | None) -> tuple[Any, ...]:
+        """The bookkeeping of :meth:`_target_units` after every row took out the classes ``col`` (C,) bool, with
+        the same arithmetic as the per-row path: (budget, capacity, limit, gone, free-unit mask (U,), free
+        units per row, stuck)."""
+        budget = budget - (col * capacity) @ self._class_sizes
+        gone = col if gone is None else gone | col
+        out = np.zeros(self.n_units, dtype=bool)
+        for taken in key:  # every class taken out so far
+            out |= (np.frombuffer(taken, dtype=bool) @ self._onehot_t) != 0.0
+        keep = (col @ self._onehot_t) == 0.0
+        count = float(np.count_nonzero(self._reachable & ~out))
+        stuck = bool(budget < np.minimum.reduce(np.where(gone, np.inf, self._class_sizes_reachable)))
+        capacity = np.floor(budget / self._class_sizes + _TOL)
+        return budget, capacity, capacity + 1e-9, gone, keep, count, stuck
 
     def _target_rows(self) -> np.ndarray:
         if self.rule == "badam":
@@ -538,3 +594,4 @@ class ModuleSampler:
         self._last = np.asarray(state["last_inclusion"], dtype=np.float64).reshape(S, self.n_modules)
         self.rng.bit_generator.state = state["rng"]
         self._prefetched = None
+        self._warm = {}

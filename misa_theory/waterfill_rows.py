@@ -13,7 +13,12 @@ is the cost; so each path below is a fixed, small number of whole-array operatio
   with C_i = {u: μ_i r_u ≥ 1}, from C_0 = ∅.  It is Newton's method on the concave, piecewise-linear
   h(μ) = Σ_u N_u min(1, μ r_u) started left of the root, so C_i only grows and a fixed point is exact; in the
   common case nothing is capped and the first μ is the answer.  Rows still moving after a few passes are
-  finished by the sorted closed form :func:`waterfill_sorted`;
+  finished by the sorted closed form :func:`waterfill_sorted`.  A caller that solves a slowly changing
+  problem again and again (the sampler, draw after draw) may pass the last capped set as a *warm start*:
+  the iteration then starts from C_0 ∪ warm, which is usually C* itself, so one pass confirms it instead of
+  the two or more from C_0.  A fixed point of the iteration is the solution whatever the start (below), and
+  a warm start that has not settled after a few passes is dropped for the cold iteration, so the warm
+  start changes the cost, not the answer (up to the rounding of a unit whose μ·r lies within rounding of 1);
 * floor > 0: the active-set iteration over (capped, floored) sets, each row finished by ``waterfill`` if it
   does not settle.
 """
@@ -27,6 +32,7 @@ from .optimal import waterfill
 __all__ = ["waterfill_rows", "waterfill_rows_floor0", "waterfill_sorted"]
 
 _CAPPED_SET_PASSES = 4
+_WARM_PASSES = 3
 _ACTIVE_SET_ITERS = 30
 
 
@@ -57,23 +63,36 @@ def waterfill_sorted(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -
     rows = np.arange(R)
     t_j = tail[rows, j]
     pos = rates > 0
-    # π = min(1, rem_j·(r/t_j)); r/t_j overflows to inf only for units capped anyway (→ 1); μ itself is never
+    # π = min(1, rem_j·(r/t_j)); r/t_j overflows to inf only for units capped anyway (→ 1, also where the
+    # capped units take the whole budget, rem_j = 0, and 0·inf is NaN: fmin skips it); μ itself is never
     # formed, as it exceeds the float range when the budget reaches rates below ~1e-308 of the largest
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        pi = np.minimum(1.0, rem[rows, j][:, None] * (rates / t_j[:, None]))
+        pi = np.fmin(1.0, rem[rows, j][:, None] * (rates / t_j[:, None]))
     return np.where(pos & (t_j > 0)[:, None], pi, pos.astype(np.float64))
 
 
 def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float, mu: np.ndarray,
-                x: np.ndarray) -> np.ndarray:
+                x: np.ndarray, warm: np.ndarray | None = None) -> np.ndarray:
     """Floor-0 rows with zero rates off the free units and Σ_{r>0} N > budget: the capped-set iteration of
     the module docstring on all rows at once from its first iterate μ = budget/Σ N r, x = μ·r (the caller's),
-    rows left moving finished by :func:`waterfill_sorted`."""
+    rows left moving finished by :func:`waterfill_sorted`; ``warm`` (R, U) bool: a guess of the capped set."""
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # μ may overflow: checked below
         capped = x >= 1.0
         if not np.count_nonzero(capped) and np.isfinite(mu).all():  # μ = budget/Σ N r caps nothing
             return x
         nr = rates * sizes
+        if warm is not None:
+            # C_0 ∪ warm.  A fixed point C = {μ(C)·r ≥ 1} has h(μ(C)) = budget, so μ(C) = μ* and C = C*: it is
+            # the answer from any start.  From a start right of the root, one step lands left of it (h is
+            # concave) and the iteration goes on as from the left; a start that does not settle within
+            # _WARM_PASSES goes to the cold iteration below (sets may also shrink here: compare them whole)
+            at = capped | warm
+            for _ in range(_WARM_PASSES):
+                mu_w = (budget - at @ sizes) / np.add.reduce(np.where(at, 0.0, nr), axis=1)
+                x_w = mu_w[:, None] * rates
+                last, at = at, x_w >= 1.0
+                if not np.count_nonzero(at ^ last) and np.isfinite(np.add.reduce(mu_w)):
+                    return np.minimum(x_w, 1.0, out=x_w)
         count = np.count_nonzero(capped)
         for _ in range(_CAPPED_SET_PASSES):
             nr_free = np.where(capped, 0.0, nr)
@@ -89,14 +108,26 @@ def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float
     moving = np.logical_or.reduce(capped != last, axis=1) | ~np.isfinite(mu)
     x = np.minimum(x, 1.0)
     rows = np.flatnonzero(moving)
-    x[rows] = waterfill_sorted(rates[rows], sizes, np.broadcast_to(budget, mu.shape)[rows])
+    row_budget = np.broadcast_to(budget, mu.shape)[rows]
+    sub = waterfill_sorted(rates[rows], sizes, row_budget)
+    # the closed form's capped set, evaluated as the iteration evaluates its fixed point, so that every way
+    # to C* (cold, warm, sorted) gives the same bits; rows whose μ leaves the float range keep the closed form
+    at = sub >= 1.0
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        mu_at = (row_budget - at @ sizes) / np.add.reduce(np.where(at, 0.0, nr[rows]), axis=1)
+        x_at = np.minimum(mu_at[:, None] * rates[rows], 1.0)
+    same = np.isfinite(mu_at) & np.logical_and.reduce((x_at >= 1.0) == at, axis=1)
+    sub[same] = x_at[same]
+    x[rows] = sub
     return x
 
 
-def waterfill_rows_floor0(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float) -> np.ndarray:
+def waterfill_rows_floor0(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float,
+                          warm: np.ndarray | None = None) -> np.ndarray:
     r""":func:`waterfill_rows` at floor 0 with the free set given by the rates: r_su > 0 exactly on the units
     row s may spend on (zero elsewhere), so there is no mask to apply.  Shapes as there; ``budget`` may also
-    be one number for every row."""
+    be one number for every row.  ``warm`` (R, U) bool, optional: a guess of the capped set {π = 1}, e.g. the
+    last solution's ``π >= 1`` (the module docstring's warm start)."""
     den = rates @ sizes
     if np.count_nonzero(den) == den.size:
         mu = budget / den
@@ -112,11 +143,12 @@ def waterfill_rows_floor0(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarr
     pos = rates > 0
     spend = (pos @ sizes) <= budget  # every positive rate fits whole: π = 1 there, 0 elsewhere
     if not np.count_nonzero(spend):
-        return _capped_set(rates, sizes, budget, mu, x)
+        return _capped_set(rates, sizes, budget, mu, x, warm)
     pi = pos.astype(np.float64)
     rows = np.flatnonzero(~spend)
     if rows.size:
-        pi[rows] = _capped_set(rates[rows], sizes, np.broadcast_to(budget, den.shape)[rows], mu[rows], x[rows])
+        pi[rows] = _capped_set(rates[rows], sizes, np.broadcast_to(budget, den.shape)[rows], mu[rows], x[rows],
+                               None if warm is None else warm[rows])
     return pi
 
 
