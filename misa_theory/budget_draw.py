@@ -60,6 +60,7 @@ class BudgetDraw:
         self._fsizes = self.sizes.astype(np.float64)
         self._fclass_sizes = self.class_sizes.astype(np.float64)
         self._offsets = np.zeros((0, 1), dtype=np.intp)
+        self._visits: dict[bytes, np.ndarray] = {}  # pipage visiting order per set of fractional classes
         self._arange = np.zeros(0, dtype=np.intp)
         # the random order lays the classes out as fixed blocks (class 0 first): per position its class, and
         # where each block starts (an index into the cumulative sums, which carry a leading 0)
@@ -93,12 +94,15 @@ class BudgetDraw:
 
     def variates(self, rng: np.random.Generator, R: int) -> tuple[np.ndarray, np.ndarray]:
         """The random input of one draw of R rows, which does not depend on π: the uniforms (R, 2C+1) and the
-        random order (R, U), drawn in that order.  A caller may take them ahead of time and pass them to
-        :meth:`__call__`; the generator advances exactly as if the draw had taken them itself."""
+        random order (R, U), drawn in that order, the order as flat indices r·U + unit.  A caller may take
+        them ahead of time and pass them to :meth:`__call__`; the generator advances exactly as if the draw
+        had taken them itself."""
         C = self.class_sizes.size
         # fixed shapes: pipage steps (C−1, padded to C), the lift of the last class, the C systematic offsets
         u = rng.random((R, 2 * C + 1))
-        return u, self._order(rng, R)
+        order = self._order(rng, R)
+        order += self._row_offsets(R)
+        return u, order
 
     def __call__(self, pi: np.ndarray, rng: np.random.Generator,
                  variates: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -107,7 +111,7 @@ class BudgetDraw:
         ``variates``: this draw's :meth:`variates`, if the caller took them ahead (else drawn here)."""
         R, U = pi.shape
         C = self.class_sizes.size
-        u, order = self.variates(rng, R) if variates is None else variates
+        u, flat = self.variates(rng, R) if variates is None else variates
         # count_nonzero, ufunc reductions and products with one-hot matrices instead of the ndarray methods
         # and column indexing: the arrays are small enough that numpy's per-call cost is the whole cost
         forced = pi >= 1.0 - _TOL
@@ -135,7 +139,6 @@ class BudgetDraw:
         v = u[:, C + 1:]
         v = np.where(up, v * frac, frac + v * (1.0 - frac))
 
-        flat = order + self._row_offsets(R)
         cum = np.zeros((R, U + 1))
         np.cumsum(p.take(flat), axis=1, out=cum[:, 1:])
         # systematic points V + i counted from the start of each class block, spread to the block's positions
@@ -180,8 +183,11 @@ class BudgetDraw:
         """
         R, C = frac.shape
         up = np.zeros((R, C), dtype=bool)
-        frac_any = (frac > _TOL).any(axis=0)
-        order = self._pipage_order[frac_any[self._pipage_order]]  # only classes fractional in some row
+        frac_any = np.logical_or.reduce(frac > _TOL, axis=0)
+        key = frac_any.tobytes()
+        order = self._visits.get(key)
+        if order is None:  # only classes fractional in some row, largest first (few patterns: cached)
+            order = self._visits[key] = self._pipage_order[frac_any[self._pipage_order]]
         if order.size == 0:
             return up, np.full(R, -1), np.zeros(R)
         f = frac.T[order]  # (K, R): class rows in visiting order
@@ -193,8 +199,9 @@ class BudgetDraw:
         for s in range(1, order.size):
             fs = f[s]
             both = live & (fs > _TOL)
-            if both.any():
-                ratio = n[pc] / n[s]
+            if np.count_nonzero(both):
+                first = s == 1  # every row's carry is still the first class: its size is one number
+                ratio = n[0] / n[s] if first else n[pc] / n[s]
                 up_c = np.minimum(1.0 - fc, fs / ratio)
                 down_c = np.minimum(fc, (1.0 - fs) / ratio)
                 d = np.where(u[:, s - 1] * (up_c + down_c) < down_c, up_c, -down_c)
@@ -202,7 +209,10 @@ class BudgetDraw:
                 fc = fc + d
                 fs = fs - d * ratio
                 f[s] = fs
-                f[pc, rows] = fc
+                if first:
+                    f[0] = fc
+                else:
+                    f[pc, rows] = fc
                 live = (fc > _TOL) & (fc < 1.0 - _TOL)
             # the carry moves on to s unless it is still fractional
             pc = np.where(live, pc, s)
