@@ -61,6 +61,7 @@ class BudgetDraw:
         self._fclass_sizes = self.class_sizes.astype(np.float64)
         self._offsets = np.zeros((0, 1), dtype=np.intp)
         self._visits: dict[bytes, np.ndarray] = {}  # pipage visiting order per set of fractional classes
+        self._class_ids = np.arange(C)
         self._arange = np.zeros(0, dtype=np.intp)
         # the random order lays the classes out as fixed blocks (class 0 first): per position its class, and
         # where each block starts (an index into the cumulative sums, which carry a leading 0)
@@ -129,12 +130,12 @@ class BudgetDraw:
         has = last >= 0
         if np.count_nonzero(has):
             # the one class left fractional goes up only if a whole extra unit of it fits (else: documented bias)
-            rows = self._rows(R)
             c = np.maximum(last, 0)
             spent = counts @ self._fclass_sizes + self._fclass_sizes.take(c)
             lift = has & (spent <= left) & (u[:, C] < leftover)
-            up[rows, c] |= lift
-            counts[rows, c] += lift
+            lifted = (c[:, None] == self._class_ids) & lift[:, None]  # (R, C): the class that goes up
+            up |= lifted
+            counts += lifted
         # V | rounded up ~ U(0, f), V | rounded down ~ U(f, 1) (= U(0, 1) when f = 0)
         v = u[:, C + 1:]
         v = np.where(up, v * frac, frac + v * (1.0 - frac))
@@ -190,6 +191,14 @@ class BudgetDraw:
             order = self._visits[key] = self._pipage_order[frac_any[self._pipage_order]]
         if order.size == 0:
             return up, np.full(R, -1), np.zeros(R)
+        if order.size == 2:  # the usual case (the largest class pinned at its capacity leaves two)
+            return self._round_pair(frac, u, order, up)
+        return self._round_loop(frac, u, order, up)
+
+    def _round_loop(self, frac: np.ndarray, u: np.ndarray, order: np.ndarray,
+                    up: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`_round_classes` over the classes ``order`` (visiting order), ``up`` all False (R, C)."""
+        R = frac.shape[0]
         f = frac.T[order]  # (K, R): class rows in visiting order
         n = self._fclass_sizes[order]
         rows = self._rows(R)
@@ -220,3 +229,26 @@ class BudgetDraw:
             live = (fc > _TOL) & (fc < 1.0 - _TOL)
         up[:, order] = (f > 1.0 - _TOL).T
         return up, np.where(live, order[pc], -1), np.where(live, fc, 0.0)
+
+    def _round_pair(self, frac: np.ndarray, u: np.ndarray, order: np.ndarray,
+                    up: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`_round_loop` for two classes, one step, without its bookkeeping of the carry (same bits)."""
+        a, b = int(order[0]), int(order[1])
+        fa, fb = frac[:, a], frac[:, b]
+        ratio = self._fclass_sizes[a] / self._fclass_sizes[b]
+        both = (fa > _TOL) & (fb > _TOL)
+        if np.count_nonzero(both):
+            up_c = np.minimum(1.0 - fa, fb / ratio)
+            down_c = np.minimum(fa, (1.0 - fb) / ratio)
+            d = np.where(u[:, 0] * (up_c + down_c) < down_c, up_c, -down_c)
+            d *= both  # rows where one of them is integral already do not move
+            fa = fa + d
+            fb = fb - d * ratio
+            stays = (fa > _TOL) & (fa < 1.0 - _TOL)  # a is still fractional: it stays the carry, else b is
+        else:  # no step (as the loop: the carry stays where it is fractional)
+            stays = fa > _TOL
+        fc = np.where(stays, fa, fb)
+        live = (fc > _TOL) & (fc < 1.0 - _TOL)
+        up[:, a] = fa > 1.0 - _TOL
+        up[:, b] = fb > 1.0 - _TOL
+        return up, np.where(live, np.where(stays, a, b), -1), np.where(live, fc, 0.0)

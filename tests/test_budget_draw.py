@@ -65,3 +65,23 @@ def test_pipage_keeps_class_counts_exact_in_expectation(sizes):
         target = pi[members].sum()
         assert set(np.unique(counts)) <= {int(np.floor(target)), int(np.ceil(target))}
         assert abs(counts.mean() - target) < 5 * counts.std() / np.sqrt(counts.size) + 1e-9
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), R=st.integers(1, 20), integral=st.floats(0.0, 0.6),
+       edge=st.booleans())
+def test_two_class_rounding_is_the_general_loop_bit_for_bit(seed, R, integral, edge):
+    """The two-class shortcut of the pipage rounding gives the general loop's rounding, rows that do not move
+    (one class already integral) and fractions at the TOL edges included."""
+    rng = np.random.default_rng(seed)
+    draw = BudgetDraw(np.array([32, 64, 224] * 4), 400)
+    frac = rng.random((R, 3)) * (rng.random((R, 3)) > integral)
+    if edge:  # fractions within rounding of TOL and of 1 − TOL
+        pick = rng.random((R, 3)) < 0.3
+        frac[pick] = rng.choice([1e-9, 1e-9 + 1e-17, 1.0 - 1e-9, 1.0 - 2e-9], int(pick.sum()))
+    u = rng.random((R, 3))
+    for order in (np.array([2, 1]), np.array([2, 0]), np.array([1, 0])):
+        got = draw._round_pair(frac, u, order, np.zeros((R, 3), dtype=bool))
+        want = draw._round_loop(frac, u, order, np.zeros((R, 3), dtype=bool))
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
