@@ -306,8 +306,7 @@ class ModuleSampler:
         # arrays so small that the methods' Python wrappers cost more than the arithmetic
         score = scores if all_free else scores * free
         top = np.maximum.reduce(score, axis=1)
-        live = top > 0
-        all_live = np.count_nonzero(live) == live.size
+        all_live = np.minimum.reduce(top) > 0  # some positive score in every row (live rows: top > 0)
         if self.rule == "misa":
             # p ∝ exp(η·s/mean_free(s)), the mean over the free units as the scores are scale-free there;
             # shifted by the largest logit (overflow) and left unnormalised (μ absorbs the scale)
@@ -318,8 +317,8 @@ class ModuleSampler:
             if all_live:
                 mean = total / count
             else:
-                mean = np.ones(live.shape)
-                np.divide(total, count, out=mean, where=live)
+                mean = np.ones(top.shape)
+                np.divide(total, count, out=mean, where=top > 0)
             score = np.subtract(score, top[:, None], out=None if all_free else score)
             score /= mean[:, None]
             if self.eta != 1.0:
@@ -336,7 +335,7 @@ class ModuleSampler:
             return rates
         # no positive score among a row's free units: equal rates (tilted) over them
         flat = free if self._tilt is None else free * self._tilt
-        return np.where(live[:, None], rates, flat)
+        return np.where((top > 0)[:, None], rates, flat)
 
     def _target_units(self, rows: np.ndarray | None) -> np.ndarray:
         """π per unit (R, U) for the current scores of ``rows`` (all streams if None; 0 for units larger than
