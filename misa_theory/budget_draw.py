@@ -209,8 +209,7 @@ class BudgetDraw:
             fs = f[s]
             both = live & (fs > _TOL)
             if np.count_nonzero(both):
-                first = s == 1  # every row's carry is still the first class: its size is one number
-                ratio = n[0] / n[s] if first else n[pc] / n[s]
+                ratio = n[pc] / n[s]
                 up_c = np.minimum(1.0 - fc, fs / ratio)
                 down_c = np.minimum(fc, (1.0 - fs) / ratio)
                 d = np.where(u[:, s - 1] * (up_c + down_c) < down_c, up_c, -down_c)
@@ -218,10 +217,7 @@ class BudgetDraw:
                 fc = fc + d
                 fs = fs - d * ratio
                 f[s] = fs
-                if first:
-                    f[0] = fc
-                else:
-                    f[pc, rows] = fc
+                f[pc, rows] = fc
                 live = (fc > _TOL) & (fc < 1.0 - _TOL)
             # the carry moves on to s unless it is still fractional
             pc = np.where(live, pc, s)

@@ -71,6 +71,12 @@ def waterfill_sorted(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -
     return np.where(pos & (t_j > 0)[:, None], pi, pos.astype(np.float64))
 
 
+def _mu_of(capped: np.ndarray, nr: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float) -> np.ndarray:
+    """μ(C) = (budget − Σ_{u∈C} N_u) / Σ_{u∉C} N_u r_u per row (``nr`` = N·r): the one formula every route to the
+    capped set C* (cold, warm, closed form) evaluates, so they all give the same bits."""
+    return (budget - capped @ sizes) / np.add.reduce(np.where(capped, 0.0, nr), axis=1)
+
+
 def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float, mu: np.ndarray,
                 x: np.ndarray, warm: np.ndarray | None = None) -> np.ndarray:
     """Floor-0 rows with zero rates off the free units and Σ_{r>0} N > budget: the capped-set iteration of
@@ -88,15 +94,14 @@ def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float
             # _WARM_PASSES goes to the cold iteration below (sets may also shrink here: compare them whole)
             at = capped | warm
             for _ in range(_WARM_PASSES):
-                mu_w = (budget - at @ sizes) / np.add.reduce(np.where(at, 0.0, nr), axis=1)
+                mu_w = _mu_of(at, nr, sizes, budget)
                 x_w = mu_w[:, None] * rates
                 last, at = at, x_w >= 1.0
                 if not np.count_nonzero(at ^ last) and np.isfinite(np.add.reduce(mu_w)):
                     return np.minimum(x_w, 1.0, out=x_w)
         count = np.count_nonzero(capped)
         for _ in range(_CAPPED_SET_PASSES):
-            nr_free = np.where(capped, 0.0, nr)
-            mu = (budget - capped @ sizes) / np.add.reduce(nr_free, axis=1)
+            mu = _mu_of(capped, nr, sizes, budget)
             x = mu[:, None] * rates
             last, capped = capped, x >= 1.0
             new = np.count_nonzero(capped)
@@ -114,7 +119,7 @@ def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float
     # to C* (cold, warm, sorted) gives the same bits; rows whose μ leaves the float range keep the closed form
     at = sub >= 1.0
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        mu_at = (row_budget - at @ sizes) / np.add.reduce(np.where(at, 0.0, nr[rows]), axis=1)
+        mu_at = _mu_of(at, nr[rows], sizes, row_budget)
         x_at = np.minimum(mu_at[:, None] * rates[rows], 1.0)
     same = np.isfinite(mu_at) & np.logical_and.reduce((x_at >= 1.0) == at, axis=1)
     sub[same] = x_at[same]
