@@ -10,15 +10,17 @@ S streams × U units of a few dozen to a few hundred entries, where numpy's per-
 is the cost; so each path below is a fixed, small number of whole-array operations:
 
 * floor 0 (the paper's rules): the *capped-set iteration* μ_{i+1} = (budget − Σ_{u∈C_i} N_u)/Σ_{u∉C_i} N_u r_u
-  with C_i = {u: μ_i r_u ≥ 1}, from C_0 = ∅.  It is Newton's method on the concave, piecewise-linear
-  h(μ) = Σ_u N_u min(1, μ r_u) started left of the root, so C_i only grows and a fixed point is exact; in the
-  common case nothing is capped and the first μ is the answer.  Rows still moving after a few passes are
-  finished by the sorted closed form :func:`waterfill_sorted`.  A caller that solves a slowly changing
-  problem again and again (the sampler, draw after draw) may pass the last capped set as a *warm start*:
-  the iteration then starts from C_0 ∪ warm, which is usually C* itself, so one pass confirms it instead of
-  the two or more from C_0.  A fixed point of the iteration is the solution whatever the start (below), and
-  a warm start that has not settled after a few passes is dropped for the cold iteration, so the warm
-  start changes the cost, not the answer (up to the rounding of a unit whose μ·r lies within rounding of 1);
+  with C_i = {u: μ_i r_u ≥ 1}, from C_0 = ∅. It is Newton's method on the concave, piecewise-linear h(μ) = Σ_u
+  N_u min(1, μ r_u) started left of the root, so C_i only grows (in exact arithmetic: where rounding caps
+  units that take the whole budget, μ(C) = 0 and C shrinks, so the sets are compared whole) and a fixed point
+  is exact; in the common case nothing is capped and the first μ is the answer. Rows still moving after a few
+  passes are finished by the sorted closed form :func:`waterfill_sorted`. A caller that solves a slowly
+  changing problem again and again (the sampler, draw after draw) may pass the last capped set as a *warm
+  start*: the iteration then starts from C_0 ∪ warm, which is usually C* itself, so one pass confirms it
+  instead of the two or more from C_0. A fixed point of the iteration is the solution whatever the start
+  (below), and a warm start that has not settled after a few passes is dropped for the cold iteration, so the
+  warm start changes the cost, not the answer (up to the rounding of a unit whose μ·r lies within rounding of
+  1);
 * floor > 0: the active-set iteration over (capped, floored) sets, each row finished by ``waterfill`` if it
   does not settle.
 """
@@ -63,11 +65,15 @@ def waterfill_sorted(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray) -
     rows = np.arange(R)
     t_j = tail[rows, j]
     pos = rates > 0
-    # π = min(1, rem_j·(r/t_j)); r/t_j overflows to inf only for units capped anyway (→ 1, also where the
-    # capped units take the whole budget, rem_j = 0, and 0·inf is NaN: fmin skips it); μ itself is never
-    # formed, as it exceeds the float range when the budget reaches rates below ~1e-308 of the largest
+    # π = min(1, rem_j·(r/t_j)) on the uncapped units, 1 on the j capped ones: set by position, as the formula
+    # gives them 0 where they take the whole budget (rem_j = 0) and rounding put a unit 1e16 times smaller
+    # behind them.  r/t_j overflows to inf only for capped units (0·inf = NaN there: fmin skips it); μ itself
+    # is never formed, as it exceeds the float range when the budget reaches rates below ~1e-308 of the largest
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         pi = np.fmin(1.0, rem[rows, j][:, None] * (rates / t_j[:, None]))
+    capped_at = np.empty((R, U), dtype=bool)
+    np.put_along_axis(capped_at, order, np.arange(U) < j[:, None], axis=1)
+    pi[capped_at] = 1.0
     return np.where(pos & (t_j > 0)[:, None], pi, pos.astype(np.float64))
 
 
@@ -99,16 +105,15 @@ def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float
                 last, at = at, x_w >= 1.0
                 if not np.count_nonzero(at ^ last) and np.isfinite(np.add.reduce(mu_w)):
                     return np.minimum(x_w, 1.0, out=x_w)
-        count = np.count_nonzero(capped)
         for _ in range(_CAPPED_SET_PASSES):
             mu = _mu_of(capped, nr, sizes, budget)
             x = mu[:, None] * rates
             last, capped = capped, x >= 1.0
-            new = np.count_nonzero(capped)
-            # every row's C only grows, so an unchanged total is an unchanged set in every row: μ is exact
-            if new == count and np.isfinite(np.add.reduce(mu)):  # a sum that overflows only costs passes
-                return np.minimum(x, 1.0, out=x)
-            count = new
+            # the sets themselves are compared, not their sizes: C only grows in exact arithmetic, but where
+            # rounding caps a unit that then takes the whole budget, μ(C) = 0 and C shrinks (the closed form
+            # below settles that row), while another row's C may grow by as much
+            if not np.count_nonzero(capped ^ last) and np.isfinite(np.add.reduce(mu)):  # an overflowing sum
+                return np.minimum(x, 1.0, out=x)  # only costs passes
     # rows still moving, and rows whose μ left the float range (rates below ~1e-308 of the largest take budget)
     moving = np.logical_or.reduce(capped != last, axis=1) | ~np.isfinite(mu)
     x = np.minimum(x, 1.0)
@@ -134,13 +139,11 @@ def waterfill_rows_floor0(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarr
     be one number for every row.  ``warm`` (R, U) bool, optional: a guess of the capped set {π = 1}, e.g. the
     last solution's ``π >= 1`` (the module docstring's warm start)."""
     den = rates @ sizes
-    if np.count_nonzero(den) == den.size:
+    # rows without a positive rate give NaN (fixed below); μ overflows where every rate is below ~1e-308·budget
+    # (inf, which the capped-set route hands to the closed form)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         mu = budget / den
         x = mu[:, None] * rates
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):  # rows without a positive rate: NaN, fixed below
-            mu = budget / den
-            x = mu[:, None] * rates
     if np.fmax.reduce(x, axis=None) < 1.0:  # nothing capped (fmax skips NaN): π ∝ r, Σ_{r>0} N > budget
         if np.count_nonzero(den) != den.size:
             x[den == 0.0] = 0.0  # rows with no free unit (settled rows of a later pass)
