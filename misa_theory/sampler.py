@@ -160,6 +160,7 @@ class ModuleSampler:
         self._capacity = np.floor(self.budget / self._class_sizes + _TOL)
         self._capacity_limit = self._capacity + 1e-9  # E_s above this is over capacity
         self._shared_pass: dict[tuple[bytes, ...], tuple[Any, ...]] = {}  # see _target_units
+        self._shared_end: dict[tuple[bytes, ...], tuple[np.ndarray, ...] | None] = {}  # see _shared_ends
         self._warm: dict[int, np.ndarray] = {}  # each target pass's capped set at the last draw (warm start)
         self._fsizes = self._unit_sizes.astype(np.float64)
         self._inv_sizes = 1.0 / self._fsizes
@@ -202,18 +203,20 @@ class ModuleSampler:
         return a[0] if self.streams is None else a
 
     # ------------------------------------------------------------------ scores
-    def _refresh_scores(self, where: np.ndarray | None = None) -> None:
-        """score = m/(1 − β^c) where c > 0 (0 elsewhere), recomputed on ``where`` (all entries if None)."""
-        seen = self._count > 0 if where is None else where
-        # 1 − β^c for every count so far, by the same power as elementwise; an observe adds at most 1 to a
-        # count, so the largest count needs looking at only once the number of observe calls reaches the table
+    def _refresh_scores(self) -> None:
+        """score = m/(1 − β^c) where c > 0, 0 elsewhere, on every entry (after a state is loaded)."""
+        self._cover_counts()
+        self._scores = np.zeros(self._ema.shape)
+        np.divide(self._ema, self._bias.take(self._count), out=self._scores, where=self._count > 0)
+
+    def _cover_counts(self) -> None:
+        """Extend the table 1 − β^c to every count so far (by the same power as elementwise).  An observe adds
+        at most 1 to a count, so the largest count needs looking at only once the number of observe calls
+        reaches the table's length."""
         if self._observed_calls >= self._bias.size:
             top = int(self._count.max(initial=0))
             if top >= self._bias.size:
                 self._bias = 1.0 - np.power(self.ema_beta, np.arange(max(2 * top, 64)))
-        if where is None:
-            self._scores = np.zeros(self._ema.shape)
-        np.divide(self._ema, self._bias.take(self._count), out=self._scores, where=seen)
 
     @property
     def scores(self) -> np.ndarray:
@@ -273,18 +276,30 @@ class ModuleSampler:
             values = np.asarray(sq_norms, dtype=np.float64)
             if values.shape != shape:
                 raise ValueError(f"sq_norms must have shape {shape}, got {values.shape}")
-            seen = values[mask]
-            # min ≥ 0 and max < ∞, both false on NaN: two reductions instead of three passes and an all()
-            if seen.size and not (np.minimum.reduce(seen) >= 0 and np.maximum.reduce(seen) < np.inf):
-                raise ValueError("sq_norms must be finite and non-negative where the mask is set")
-        self._observe_rows(mask, values)
+        # the observed entries only (a few per row): gathered once, checked, folded in, scattered back
+        at = mask.reshape(-1).nonzero()[0]
+        seen = values.reshape(-1).take(at)
+        # min ≥ 0 and max < ∞, both false on NaN: two reductions instead of three passes and an all()
+        if seen.size and not (np.minimum.reduce(seen) >= 0 and np.maximum.reduce(seen) < np.inf):
+            raise ValueError("sq_norms must be finite and non-negative where the mask is set")
+        self._observe_at(mask, at, seen)
 
-    def _observe_rows(self, mask: np.ndarray, values: np.ndarray) -> None:
+    def _observe_at(self, mask: np.ndarray, at: np.ndarray, seen: np.ndarray) -> None:
+        """m ← βm + (1 − β)x, c ← c + 1 and the score m/(1 − β^c) at the flat entries ``at`` of the (S, B)
+        state, x = ``seen`` (overwritten); ``mask`` is the same set as a boolean (S, B)."""
         b = self.ema_beta
-        np.copyto(self._ema, b * self._ema + (1.0 - b) * values, where=mask)
-        self._count += mask
+        ema, count = self._ema.reshape(-1), self._count.reshape(-1)
+        m = ema.take(at)
+        m *= b
+        seen *= 1.0 - b
+        m += seen
+        ema.put(at, m)
+        c = count.take(at)
+        c += 1
+        count.put(at, c)
         self._observed_calls += 1
-        self._refresh_scores(mask)
+        self._cover_counts()
+        self._scores.reshape(-1).put(at, m / self._bias.take(c))
         if self.rule in LAYER_RULES:
             rows, cols = np.nonzero(mask)
             self._visited[rows, self._unit_of[cols]] = True
@@ -410,6 +425,13 @@ class ModuleSampler:
                     if stuck:  # the rest of the budget fits no free unit: they stay at 0
                         return np.where(free, 0.0, pi)
                     continue
+                # rows took out different classes; where each row's take-out leaves it stuck (the usual end of
+                # the second pass), the rows finish by a look-up on their pattern of classes
+                ends = self._shared_ends(shared, budget, capacity, gone, free[0])
+                if ends is not None:
+                    row_pattern = (over @ ends[0]).astype(np.intp)
+                    if np.logical_and.reduce(ends[1].take(row_pattern)):
+                        return np.where(ends[2].take(row_pattern, 0), 0.0, pi)
                 shared = None
             count = None  # rows may differ from here on
             hit = np.logical_or.reduce(over, axis=1)
@@ -426,6 +448,37 @@ class ModuleSampler:
                 return pi
             capacity = np.floor(budget[:, None] / self._class_sizes + _TOL)
             limit = capacity + 1e-9
+
+    def _shared_ends(self, key: tuple[bytes, ...], budget: float, capacity: np.ndarray, gone: np.ndarray | None,
+                     free: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """For a pass after which rows take out different classes, every row having had the same passes
+        before (``key``; the same ``budget``, ``capacity``, ``gone`` and free units ``free`` (U,)): per pattern
+        q of classes taken out, whether the row then ends (q empty, or the rest of the budget fits no free
+        unit) and which units that end sets to 0, by the arithmetic of the per-row path.  Returns (the
+        pattern code of each class (C,), ends (2^C,) bool, units set to 0 (2^C, U) bool), cached per key;
+        None for more than 8 classes."""
+        if key in self._shared_end:
+            return self._shared_end[key]
+        C = self._class_sizes.size
+        if C > 8:
+            self._shared_end[key] = None
+            return None
+        codes = 2.0 ** np.arange(C)
+        patterns = ((np.arange(2 ** C)[:, None] >> np.arange(C)) & 1).astype(bool)  # row q: the bits of q
+        done = np.zeros(2 ** C, dtype=bool)
+        zero = np.zeros((2 ** C, self.n_units), dtype=bool)
+        for q, over in enumerate(patterns):
+            if not over.any():
+                done[q] = True
+                continue
+            rest = budget - (over * capacity) @ self._class_sizes
+            out = over if gone is None else gone | over
+            keep = free & ((over @ self._onehot_t) == 0.0)
+            if rest < np.minimum.reduce(np.where(out, np.inf, self._class_sizes_reachable)):
+                done[q] = True
+                zero[q] = keep
+        ends = self._shared_end[key] = (codes, done, zero)
+        return ends
 
     def _shared_step(self, key: tuple[bytes, ...], col: np.ndarray, budget: float, capacity: np.ndarray,
                      gone: np.ndarray | None) -> tuple[Any, ...]:

@@ -16,11 +16,11 @@ is the cost; so each path below is a fixed, small number of whole-array operatio
   is exact; in the common case nothing is capped and the first μ is the answer. Rows still moving after a few
   passes are finished by the sorted closed form :func:`waterfill_sorted`. A caller that solves a slowly
   changing problem again and again (the sampler, draw after draw) may pass the last capped set as a *warm
-  start*: the iteration then starts from C_0 ∪ warm, which is usually C* itself, so one pass confirms it
-  instead of the two or more from C_0. A fixed point of the iteration is the solution whatever the start
-  (below), and a warm start that has not settled after a few passes is dropped for the cold iteration, so the
-  warm start changes the cost, not the answer (up to the rounding of a unit whose μ·r lies within rounding of
-  1);
+  start*: the iteration first runs from that set alone, before μ_0 is even formed; it is usually C* itself, so
+  one pass confirms it instead of the two or more from C_0 (where it fails to settle, the cold route runs from
+  C_0 ∪ warm). A fixed point of the iteration is the solution whatever the start (below), and a warm start
+  that has not settled after a few passes is dropped for the cold iteration, so the warm start changes the
+  cost, not the answer (up to the rounding of a unit whose μ·r lies within rounding of 1);
 * floor > 0: the active-set iteration over (capped, floored) sets, each row finished by ``waterfill`` if it
   does not settle.
 """
@@ -83,6 +83,44 @@ def _mu_of(capped: np.ndarray, nr: np.ndarray, sizes: np.ndarray, budget: np.nda
     return (budget - capped @ sizes) / np.add.reduce(np.where(capped, 0.0, nr), axis=1)
 
 
+def _from_warm(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float,
+               warm: np.ndarray) -> np.ndarray | None:
+    """The capped-set iteration started from ``warm`` alone, before anything else is computed: π if no row's
+    positive units fit the budget whole, every row reaches a fixed point within _WARM_PASSES and some row caps
+    a unit, else None (the caller goes the cold way).
+
+    Such a fixed point is the answer of every other route, bit for bit, since they all evaluate :func:`_mu_of`
+    at C*, except for two answers that are not of that form.  With no unit capped in any row, π = μ₀·r with
+    μ₀ from a product: hence "some row caps".  A row whose positive units fit the budget whole gets π = 1 on
+    them; it has no exact fixed point (h(μ) < Σ_{r>0} N ≤ budget while a positive unit is uncapped, and μ(C)
+    is not finite once none is), but equal rates can make one within rounding (μ·r = 1 − 1 ulp): hence the
+    test up front.  Rows without a positive rate (settled rows of a later pass, 0 on every route) are the
+    only others without a finite μ.  So a settled warm start skips μ₀ and the "nothing capped" test, and
+    agrees with the other routes except for a unit within rounding of μ·r = 1, as any warm start."""
+    held = (rates > 0) @ sizes  # Σ N over a row's positive units
+    dead = held == 0.0
+    if np.count_nonzero(held <= budget) != np.count_nonzero(dead):  # a live row whose positive units fit whole
+        return None
+    nr = rates * sizes
+    at = warm
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        for _ in range(_WARM_PASSES):
+            mu = _mu_of(at, nr, sizes, budget)
+            x = mu[:, None] * rates
+            last, at = at, x >= 1.0
+            if not np.count_nonzero(at ^ last):
+                if not np.count_nonzero(at):
+                    return None
+                if not np.isfinite(np.add.reduce(mu)):
+                    # only rows without a positive rate (settled rows of a later pass: π = 0) may lack a finite μ
+                    lost = ~np.isfinite(mu)
+                    if np.count_nonzero(lost & ~dead):
+                        return None
+                    x[lost] = 0.0
+                return np.minimum(x, 1.0, out=x)
+    return None
+
+
 def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float, mu: np.ndarray,
                 x: np.ndarray, warm: np.ndarray | None = None) -> np.ndarray:
     """Floor-0 rows with zero rates off the free units and Σ_{r>0} N > budget: the capped-set iteration of
@@ -138,6 +176,10 @@ def waterfill_rows_floor0(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarr
     row s may spend on (zero elsewhere), so there is no mask to apply.  Shapes as there; ``budget`` may also
     be one number for every row.  ``warm`` (R, U) bool, optional: a guess of the capped set {π = 1}, e.g. the
     last solution's ``π >= 1`` (the module docstring's warm start)."""
+    if warm is not None:
+        settled = _from_warm(rates, sizes, budget, warm)
+        if settled is not None:
+            return settled
     den = rates @ sizes
     # rows without a positive rate give NaN (fixed below); μ overflows where every rate is below ~1e-308·budget
     # (inf, which the capped-set route hands to the closed form)
