@@ -124,7 +124,7 @@ class BudgetDraw:
         expected = p @ self.onehot
         counts = np.floor(expected + _TOL)
         frac = expected - counts  # in [−TOL, 1 − TOL]
-        frac[frac < _TOL] = 0.0
+        frac *= frac >= _TOL  # below TOL: 0 (−0 where negative, which compares and adds as 0)
         up, last, leftover = self._round_classes(frac, u[:, :C])
         counts += up
         has = last >= 0
@@ -141,7 +141,7 @@ class BudgetDraw:
         v = np.where(up, v * frac, frac + v * (1.0 - frac))
 
         cum = np.zeros((R, U + 1))
-        np.cumsum(p.take(flat), axis=1, out=cum[:, 1:])
+        np.add.accumulate(p.take(flat), axis=1, out=cum[:, 1:])  # cumsum's own loop, without its wrapper
         # systematic points V + i counted from the start of each class block, spread to the block's positions
         # (a product with the (C, U) block indicator: x·1 + 0 + … is exact)
         v += cum[:, self._block_starts]
@@ -232,7 +232,7 @@ class BudgetDraw:
         a, b = int(order[0]), int(order[1])
         fa, fb = frac[:, a], frac[:, b]
         ratio = self._fclass_sizes[a] / self._fclass_sizes[b]
-        both = (fa > _TOL) & (fb > _TOL)
+        both = np.minimum(fa, fb) > _TOL
         if np.count_nonzero(both):
             up_c = np.minimum(1.0 - fa, fb / ratio)
             down_c = np.minimum(fa, (1.0 - fb) / ratio)

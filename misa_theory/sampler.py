@@ -402,7 +402,10 @@ class ModuleSampler:
                 share = row_budget / np.maximum(work @ self._fsizes, 1.0)
                 p = waterfill_rows(rates, self._fsizes, work, row_budget, np.minimum(floor, share))
             n_pass += 1
-            pi = p if pi is None else np.where(work, p, pi)
+            if pi is None:
+                pi = p
+            else:
+                np.copyto(pi, p, where=work)  # pi is this call's own array (scaled in place below)
             expected = p @ onehot  # E_s; 0 on classes taken out earlier and on settled rows
             over = expected > limit
             n_over = np.count_nonzero(over)
