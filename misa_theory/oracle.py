@@ -133,10 +133,10 @@ class DenseOracle(GradientOracle):
         self._g = None
 
 
-#: What :meth:`RobustOracle._prepare` derives once per active set: the pairs' cache rows (P,), their module
-#: constants (y_b, 0), (2·s_b/m, 0) (P, m+r) and K_b (P, m+r, m+r), and per non-empty slab (lo, hi, a0, a1,
-#: seeds, local module indices, F_bᵀ gathered, θ view).
-_Prepared = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple]]
+#: What :meth:`RobustOracle._prepare` derives once per active set: the pairs' cache rows (P,), their modules
+#: (P,) and per non-empty slab (lo, hi, a0, a1, seeds, local module indices, F_bᵀ gathered, θ view).  The
+#: module constants the refresh needs are gathered there, after the gradient has been handed out.
+_Prepared = tuple[np.ndarray, np.ndarray, list[tuple]]
 
 
 class RobustOracle(GradientOracle):
@@ -198,7 +198,7 @@ class RobustOracle(GradientOracle):
         self._pending: list[tuple[Active, _Prepared, np.ndarray]] = [(everything, prep, lin)]
 
     def _prepare(self, active: Active) -> _Prepared:
-        """Cache rows and module constants of the pairs, and per non-empty slab: the pairs' range [lo, hi), their
+        """Cache rows and modules of the pairs, and per non-empty slab: the pairs' range [lo, hi), their
         coordinates' range [a0, a1) in the run concatenation, their seeds and module indices within the slab, the
         gathered F_bᵀ (hi − lo, m+r, size) and the slab's θ view.
 
@@ -218,10 +218,7 @@ class RobustOracle(GradientOracle):
                 a1 = a0 + (hi - lo) * size
                 parts.append((lo, hi, a0, a1, seeds[lo:hi], local, f_t.take(local, 0), view))
                 a0 = a1
-        mr = self._mr
-        const = self._const.take(mods, 0)  # take: 2-3× cheaper than fancy indexing for row gathers
-        val = (mods * self._S + seeds, const[:, :mr], const[:, mr:2 * mr], const[:, 2 * mr:].reshape(-1, mr, mr),
-               parts)
+        val = (mods * self._S + seeds, mods, parts)
         self._prep_key, self._prep_val = active, val
         return val
 
@@ -230,8 +227,11 @@ class RobustOracle(GradientOracle):
 
         (κ_b, 0) = (s_b/m·φ'(A_bᵀθ_b − y_b), 0) is elementwise on (lin − (y_b, 0)); K_b·(κ_b, 0) = (A_bᵀG_b, 2·P_b)
         and N_b = κ_bᵀA_bᵀG_b follow without touching the coordinates again."""
-        rows, y, w, k, _parts = prep
-        m, r = self._m, self._r
+        rows, mods, _parts = prep
+        m, r, mr = self._m, self._r, self._mr
+        # (y_b, 0), (2·s_b/m, 0) and K_b of the pairs' modules (take: 2-3× cheaper than fancy indexing for rows)
+        const = self._const.take(mods, 0)
+        y, w, k = const[:, :mr], const[:, mr:2 * mr], const[:, 2 * mr:].reshape(-1, mr, mr)
         res = np.subtract(lin, y, lin)  # (residuals, T_b)
         den = res * res
         den += 1.0
