@@ -165,6 +165,7 @@ class ModuleSampler:
         self._fsizes = self._unit_sizes.astype(np.float64)
         self._inv_sizes = 1.0 / self._fsizes
         self._n_reachable = float(self._reachable.sum())
+        self._held_reachable = float(self._fsizes[self._reachable].sum())
         self._all_reachable = bool(self._reachable.all())
         self._reachable_rows = np.tile(self._reachable, (self._n_streams, 1))
         # a class is reachable iff its (common) size fits the budget; inf marks one that never holds a unit
@@ -378,6 +379,7 @@ class ModuleSampler:
         budget: float | np.ndarray = float(self.budget)  # one number while every row took out the same classes
         capacity, limit = self._capacity, self._capacity_limit  # (C,) likewise, then (R, C)
         count: float | None = self._n_reachable  # free units per row while they are the same (None: count them)
+        held = self._held_reachable  # their Σ n_u (read while count is not None)
         all_free = self._all_reachable
         gone = None  # classes taken out, per row
         going = None  # rows still re-spreading (None: all)
@@ -392,7 +394,12 @@ class ModuleSampler:
             work = free if going is None else free & going[:, None]
             rates = self._rates_rows(scores, work, all_free, count)
             if floor == 0.0:
-                p = waterfill_rows_floor0(rates, self._fsizes, budget, None if warm is None else warm.get(n_pass))
+                # every row's free units all with a positive rate (no underflow): Σ n over them is `held`
+                known = None
+                if warm is not None and count is not None and np.count_nonzero(rates) == R * count:
+                    known = held
+                p = waterfill_rows_floor0(rates, self._fsizes, budget, None if warm is None else warm.get(n_pass),
+                                          known)
                 if warm is not None:
                     warm[n_pass] = p >= 1.0
             else:
@@ -422,7 +429,7 @@ class ModuleSampler:
                     step = self._shared_pass.get(shared)
                     if step is None:
                         step = self._shared_pass[shared] = self._shared_step(shared, col, budget, capacity, gone)
-                    budget, capacity, limit, gone, keep, count, stuck = step
+                    budget, capacity, limit, gone, keep, count, held, stuck = step
                     free = free & keep
                     all_free = False
                     if stuck:  # the rest of the budget fits no free unit: they stay at 0
@@ -487,7 +494,7 @@ class ModuleSampler:
                      gone: np.ndarray | None) -> tuple[Any, ...]:
         """The bookkeeping of :meth:`_target_units` after every row took out the classes ``col`` (C,) bool, with
         the same arithmetic as the per-row path: (budget, capacity, limit, gone, free-unit mask (U,), free
-        units per row, stuck)."""
+        units per row, their Σ n_u, stuck)."""
         budget = budget - (col * capacity) @ self._class_sizes
         gone = col if gone is None else gone | col
         out = np.zeros(self.n_units, dtype=bool)
@@ -495,9 +502,10 @@ class ModuleSampler:
             out |= (np.frombuffer(taken, dtype=bool) @ self._onehot_t) != 0.0
         keep = (col @ self._onehot_t) == 0.0
         count = float(np.count_nonzero(self._reachable & ~out))
+        held = float(self._fsizes[self._reachable & ~out].sum())
         stuck = bool(budget < np.minimum.reduce(np.where(gone, np.inf, self._class_sizes_reachable)))
         capacity = np.floor(budget / self._class_sizes + _TOL)
-        return budget, capacity, capacity + 1e-9, gone, keep, count, stuck
+        return budget, capacity, capacity + 1e-9, gone, keep, count, held, stuck
 
     def _target_rows(self) -> np.ndarray:
         if self.rule == "badam":

@@ -83,8 +83,8 @@ def _mu_of(capped: np.ndarray, nr: np.ndarray, sizes: np.ndarray, budget: np.nda
     return (budget - capped @ sizes) / np.add.reduce(np.where(capped, 0.0, nr), axis=1)
 
 
-def _from_warm(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float,
-               warm: np.ndarray) -> np.ndarray | None:
+def _from_warm(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float, warm: np.ndarray,
+               held: float | None = None) -> np.ndarray | None:
     """The capped-set iteration started from ``warm`` alone, before anything else is computed: π if no row's
     positive units fit the budget whole, every row reaches a fixed point within _WARM_PASSES and some row caps
     a unit, else None (the caller goes the cold way).
@@ -96,11 +96,17 @@ def _from_warm(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float,
     is not finite once none is), but equal rates can make one within rounding (μ·r = 1 − 1 ulp): hence the
     test up front.  Rows without a positive rate (settled rows of a later pass, 0 on every route) are the
     only others without a finite μ.  So a settled warm start skips μ₀ and the "nothing capped" test, and
-    agrees with the other routes except for a unit within rounding of μ·r = 1, as any warm start."""
-    held = (rates > 0) @ sizes  # Σ N over a row's positive units
-    dead = held == 0.0
-    if np.count_nonzero(held <= budget) != np.count_nonzero(dead):  # a live row whose positive units fit whole
+    agrees with the other routes except for a unit within rounding of μ·r = 1, as any warm start.
+    ``held``: as in :func:`waterfill_rows_floor0`."""
+    if held is None:
+        held_rows = (rates > 0) @ sizes  # Σ N over a row's positive units
+        dead = held_rows == 0.0
+        if np.count_nonzero(held_rows <= budget) != np.count_nonzero(dead):  # a live row that spends all
+            return None
+    elif held <= budget:  # every row spends all
         return None
+    else:
+        dead = None  # every row has positive rates
     nr = rates * sizes
     at = warm
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
@@ -114,7 +120,7 @@ def _from_warm(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float,
                 if not np.isfinite(np.add.reduce(mu)):
                     # only rows without a positive rate (settled rows of a later pass: π = 0) may lack a finite μ
                     lost = ~np.isfinite(mu)
-                    if np.count_nonzero(lost & ~dead):
+                    if dead is None or np.count_nonzero(lost & ~dead):
                         return None
                     x[lost] = 0.0
                 return np.minimum(x, 1.0, out=x)
@@ -171,13 +177,15 @@ def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float
 
 
 def waterfill_rows_floor0(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float,
-                          warm: np.ndarray | None = None) -> np.ndarray:
+                          warm: np.ndarray | None = None, held: float | None = None) -> np.ndarray:
     r""":func:`waterfill_rows` at floor 0 with the free set given by the rates: r_su > 0 exactly on the units
     row s may spend on (zero elsewhere), so there is no mask to apply.  Shapes as there; ``budget`` may also
     be one number for every row.  ``warm`` (R, U) bool, optional: a guess of the capped set {π = 1}, e.g. the
-    last solution's ``π >= 1`` (the module docstring's warm start)."""
+    last solution's ``π >= 1`` (the module docstring's warm start).  ``held``, optional, with ``warm`` and one
+    ``budget``: Σ N_u over the positive rates, the same in every row (a caller that knows it spares the
+    warm start its own sum)."""
     if warm is not None:
-        settled = _from_warm(rates, sizes, budget, warm)
+        settled = _from_warm(rates, sizes, budget, warm, held)
         if settled is not None:
             return settled
     den = rates @ sizes
