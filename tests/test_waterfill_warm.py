@@ -133,3 +133,4 @@ def test_transformer_shape_run_reuses_warm_sets_and_matches_a_cold_sampler() -> 
         b.observe(mb, x)
     assert a._warm and any(np.count_nonzero(w) for w in a._warm.values())
     assert a._shared_pass  # some pass took the same classes out of every stream
+    assert any(v is not None for v in a._shared_end.values())  # and then rows ended by the look-up table
