@@ -464,9 +464,9 @@ class ModuleSampler:
         """For a pass after which rows take out different classes, every row having had the same passes
         before (``key``; the same ``budget``, ``capacity``, ``gone`` and free units ``free`` (U,)): per pattern
         q of classes taken out, whether the row then ends (q empty, or the rest of the budget fits no free
-        unit) and which units that end sets to 0, by the arithmetic of the per-row path.  Returns (the
-        pattern code of each class (C,), ends (2^C,) bool, units set to 0 (2^C, U) bool), cached per key;
-        None for more than 8 classes."""
+        unit) and which units that end sets to 0, by :meth:`_shared_step`'s arithmetic.  Returns (the pattern code
+        of each class (C,), ends (2^C,) bool, units set to 0 (2^C, U) bool), cached per key; None for more than
+        8 classes."""
         if key in self._shared_end:
             return self._shared_end[key]
         C = self._class_sizes.size
@@ -481,12 +481,11 @@ class ModuleSampler:
             if not over.any():
                 done[q] = True
                 continue
-            rest = budget - (over * capacity) @ self._class_sizes
-            out = over if gone is None else gone | over
-            keep = free & ((over @ self._onehot_t) == 0.0)
-            if rest < np.minimum.reduce(np.where(out, np.inf, self._class_sizes_reachable)):
+            # the take-out of `over` by the shared step's arithmetic (not cached: most patterns never occur)
+            step = self._shared_step(key + (over.tobytes(),), over, budget, capacity, gone)
+            if step[-1]:  # stuck
                 done[q] = True
-                zero[q] = keep
+                zero[q] = free & step[4]  # the free units outside the classes taken out
         ends = self._shared_end[key] = (codes, done, zero)
         return ends
 

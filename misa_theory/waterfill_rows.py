@@ -17,10 +17,10 @@ is the cost; so each path below is a fixed, small number of whole-array operatio
   passes are finished by the sorted closed form :func:`waterfill_sorted`. A caller that solves a slowly
   changing problem again and again (the sampler, draw after draw) may pass the last capped set as a *warm
   start*: the iteration first runs from that set alone, before μ_0 is even formed; it is usually C* itself, so
-  one pass confirms it instead of the two or more from C_0 (where it fails to settle, the cold route runs from
-  C_0 ∪ warm). A fixed point of the iteration is the solution whatever the start (below), and a warm start
-  that has not settled after a few passes is dropped for the cold iteration, so the warm start changes the
-  cost, not the answer (up to the rounding of a unit whose μ·r lies within rounding of 1);
+  one pass confirms it instead of the two or more from C_0 (where it fails to settle, the cold route runs). A
+  fixed point of the iteration is the solution whatever the start (below), and a warm start that has not
+  settled after a few passes is dropped for the cold iteration, so the warm start changes the cost, not the
+  answer (up to the rounding of a unit whose μ·r lies within rounding of 1);
 * floor > 0: the active-set iteration over (capped, floored) sets, each row finished by ``waterfill`` if it
   does not settle.
 """
@@ -85,18 +85,20 @@ def _mu_of(capped: np.ndarray, nr: np.ndarray, sizes: np.ndarray, budget: np.nda
 
 def _from_warm(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float, warm: np.ndarray,
                held: float | None = None) -> np.ndarray | None:
-    """The capped-set iteration started from ``warm`` alone, before anything else is computed: π if no row's
-    positive units fit the budget whole, every row reaches a fixed point within _WARM_PASSES and some row caps
-    a unit, else None (the caller goes the cold way).
+    """The capped-set iteration started from ``warm`` alone, before anything else is computed: π if no row's positive
+    units fit the budget whole, every row reaches a fixed point within _WARM_PASSES and some row caps a unit,
+    else None (the caller goes the cold way).
 
     Such a fixed point is the answer of every other route, bit for bit, since they all evaluate :func:`_mu_of`
-    at C*, except for two answers that are not of that form.  With no unit capped in any row, π = μ₀·r with
-    μ₀ from a product: hence "some row caps".  A row whose positive units fit the budget whole gets π = 1 on
-    them; it has no exact fixed point (h(μ) < Σ_{r>0} N ≤ budget while a positive unit is uncapped, and μ(C)
-    is not finite once none is), but equal rates can make one within rounding (μ·r = 1 − 1 ulp): hence the
-    test up front.  Rows without a positive rate (settled rows of a later pass, 0 on every route) are the
-    only others without a finite μ.  So a settled warm start skips μ₀ and the "nothing capped" test, and
-    agrees with the other routes except for a unit within rounding of μ·r = 1, as any warm start.
+    at C*, except for two answers that are not of that form. With no unit capped in any row, π = μ₀·r with μ₀
+    from a product: hence "some row caps". A row whose positive units fit the budget whole gets π = 1 on them;
+    it has no exact fixed point (h(μ) < Σ_{r>0} N ≤ budget while a positive unit is uncapped, and μ(C) is not
+    finite once none is), but equal rates can make one within rounding (μ·r = 1 − 1 ulp): hence the test up
+    front. Rows without a positive rate (settled rows of a later pass, 0 on every route) are the only others
+    without a finite μ. From a start right of the root, one step lands left of it (h is concave) and the
+    iteration goes on as from the left; sets may also shrink here, so they are compared whole. So a settled warm
+    start skips μ₀ and the "nothing capped" test, and agrees with the other routes except for a unit within
+    rounding of μ·r = 1, as any warm start.
     ``held``: as in :func:`waterfill_rows_floor0`."""
     if held is None:
         held_rows = (rates > 0) @ sizes  # Σ N over a row's positive units
@@ -128,27 +130,15 @@ def _from_warm(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float,
 
 
 def _capped_set(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarray | float, mu: np.ndarray,
-                x: np.ndarray, warm: np.ndarray | None = None) -> np.ndarray:
+                x: np.ndarray) -> np.ndarray:
     """Floor-0 rows with zero rates off the free units and Σ_{r>0} N > budget: the capped-set iteration of
     the module docstring on all rows at once from its first iterate μ = budget/Σ N r, x = μ·r (the caller's),
-    rows left moving finished by :func:`waterfill_sorted`; ``warm`` (R, U) bool: a guess of the capped set."""
+    rows left moving finished by :func:`waterfill_sorted`."""
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # μ may overflow: checked below
         capped = x >= 1.0
         if not np.count_nonzero(capped) and np.isfinite(mu).all():  # μ = budget/Σ N r caps nothing
             return x
         nr = rates * sizes
-        if warm is not None:
-            # C_0 ∪ warm.  A fixed point C = {μ(C)·r ≥ 1} has h(μ(C)) = budget, so μ(C) = μ* and C = C*: it is
-            # the answer from any start.  From a start right of the root, one step lands left of it (h is
-            # concave) and the iteration goes on as from the left; a start that does not settle within
-            # _WARM_PASSES goes to the cold iteration below (sets may also shrink here: compare them whole)
-            at = capped | warm
-            for _ in range(_WARM_PASSES):
-                mu_w = _mu_of(at, nr, sizes, budget)
-                x_w = mu_w[:, None] * rates
-                last, at = at, x_w >= 1.0
-                if not np.count_nonzero(at ^ last) and np.isfinite(np.add.reduce(mu_w)):
-                    return np.minimum(x_w, 1.0, out=x_w)
         for _ in range(_CAPPED_SET_PASSES):
             mu = _mu_of(capped, nr, sizes, budget)
             x = mu[:, None] * rates
@@ -201,12 +191,11 @@ def waterfill_rows_floor0(rates: np.ndarray, sizes: np.ndarray, budget: np.ndarr
     pos = rates > 0
     spend = (pos @ sizes) <= budget  # every positive rate fits whole: π = 1 there, 0 elsewhere
     if not np.count_nonzero(spend):
-        return _capped_set(rates, sizes, budget, mu, x, warm)
+        return _capped_set(rates, sizes, budget, mu, x)
     pi = pos.astype(np.float64)
     rows = np.flatnonzero(~spend)
     if rows.size:
-        pi[rows] = _capped_set(rates[rows], sizes, np.broadcast_to(budget, den.shape)[rows], mu[rows], x[rows],
-                               None if warm is None else warm[rows])
+        pi[rows] = _capped_set(rates[rows], sizes, np.broadcast_to(budget, den.shape)[rows], mu[rows], x[rows])
     return pi
 
 
