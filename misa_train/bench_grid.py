@@ -13,6 +13,13 @@ ARCHS: dict[str, dict[str, Any]] = {
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
                         rope_theta=500000.0, max_position_embeddings=8192),
+    # held out: never measured while the memory model was written (benchmarks/memory_oos.py)
+    "llama3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                        rope_theta=500000.0, max_position_embeddings=8192),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
+                      max_position_embeddings=4096),
     # Llama proportions at toy size: the smallest module (k_proj) still fits a 1% budget
     "tiny": dict(hidden_size=64, intermediate_size=224, num_hidden_layers=3, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False, max_position_embeddings=256),
