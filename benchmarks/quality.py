@@ -57,9 +57,17 @@ METHODS: dict[str, dict[str, Any]] = {
     # opt-in depth-aware sampling (TrainConfig.depth_bias): not the paper's rule, run only when named
     "misa1d2": {"method": "misa", "delta": 0.01, "depth_bias": 2.0},
     "misa3d2": {"method": "misa", "delta": 0.03, "depth_bias": 2.0},
+    # the rule ablation (issue 15): one budget, δ = 3%, every module-wise rule, then reweighting and kept moments
+    "abl_misa": {"method": "misa", "delta": 0.03, "rule": "misa"},
+    "abl_norm": {"method": "misa", "delta": 0.03, "rule": "misa_norm"},
+    "abl_ht": {"method": "misa", "delta": 0.03, "rule": "optimal"},
+    "abl_unif": {"method": "misa", "delta": 0.03, "rule": "uniform"},
+    "abl_layer": {"method": "lisa", "lisa_layers": 1},
+    "abl_misa_rw": {"method": "misa", "delta": 0.03, "rule": "misa", "reweight": True},
+    "abl_misa_keep": {"method": "misa", "delta": 0.03, "rule": "misa", "retain_state": True},
 }
 FAMILY = {"full": "full", "lora": "lora", "lisa": "block", "badam": "block", "misa1": "block", "misa3": "block",
-          "misa1d2": "block", "misa3d2": "block"}
+          "misa1d2": "block", "misa3d2": "block", **{k: "block" for k in METHODS if k.startswith("abl_")}}
 # learning-rate grid per family: (middle, lower, upper); the middle is run first with every seed
 LR_GRID = {"full": (2e-5, 1e-5, 5e-5), "lora": (5e-4, 2e-4, 1e-3), "block": (5e-5, 2e-5, 1e-4)}
 
@@ -249,6 +257,27 @@ def cmd_job(a: argparse.Namespace) -> None:
     _write_json(Path(a.result), res)
     if not spec.get("keep_run"):
         shutil.rmtree(summary["run_dir"], ignore_errors=True)
+
+
+def cmd_make_arith(a: argparse.Namespace) -> None:
+    """Arithmetic SFT data with worked steps (the trainer's embedded task, larger): train/test JSONL whose test
+    expressions never occur in train. reasoning-gym repeats items, so prompts are de-duplicated first."""
+    import random
+
+    from misa_train.data import default_examples
+
+    seen: set[str] = set()
+    uniq = [e for e in default_examples(a.n, seed=a.seed) if not (e.prompt in seen or seen.add(e.prompt))]
+    random.Random(a.seed).shuffle(uniq)
+    test = uniq[: a.n_test]
+    expr = {e.response.split("####")[0] for e in test}
+    train = [e for e in uniq[a.n_test:] if e.response.split("####")[0] not in expr]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, items in (("train", train), ("test", test)):
+        lines = [json.dumps({"prompt": e.prompt, "response": e.response}) for e in items]
+        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    _log(f"{len(train)} train, {len(test)} test items -> {out}")
 
 
 # ------------------------------------------------------------------------------------------ scheduling
@@ -652,12 +681,18 @@ def main(argv: list[str] | None = None) -> None:
         q.add_argument("--dtype", default="bf16")
         q.add_argument("--device", default="auto")
 
+    m = sub.add_parser("make-arith", help="arithmetic train/test JSONL (reasoning-gym, worked steps)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--n", type=int, default=7000, help="items generated before de-duplication")
+    m.add_argument("--n-test", type=int, default=500)
+    m.add_argument("--seed", type=int, default=101)
     g = sub.add_parser("grid", help="the SFT comparison")
     pool_args(g, 480.0)
     g.add_argument("--model", required=True)
     g.add_argument("--train", required=True)
     g.add_argument("--test", required=True)
-    g.add_argument("--methods", default=",".join(k for k in METHODS if "depth_bias" not in METHODS[k]))
+    g.add_argument("--methods", default=",".join(k for k in METHODS
+                                                  if "depth_bias" not in METHODS[k] and not k.startswith("abl_")))
     g.add_argument("--seeds", default="0,1")
     g.add_argument("--n-lr", type=int, default=3, help="how much of each family's lr grid to try (1..3)")
     g.add_argument("--steps", type=int, default=300)
@@ -707,8 +742,8 @@ def main(argv: list[str] | None = None) -> None:
     if str(ROOT) not in sys.path:
         sys.path.append(str(ROOT))
     with contextlib.suppress(BrokenPipeError):
-        {"convert": cmd_convert, "make-tiny": cmd_make_tiny, "grid": cmd_grid, "pretrain": cmd_pretrain,
-         "job": cmd_job, "report": cmd_report}[a.cmd](a)
+        {"convert": cmd_convert, "make-tiny": cmd_make_tiny, "make-arith": cmd_make_arith, "grid": cmd_grid,
+         "pretrain": cmd_pretrain, "job": cmd_job, "report": cmd_report}[a.cmd](a)
 
 
 if __name__ == "__main__":
