@@ -597,6 +597,46 @@ def pretrain_table(d: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+ABL_LABEL = {"abl_misa": "misa (paper: p ∝ exp(min(5, η·G²)))", "abl_norm": "misa_norm (scores / mean)",
+             "abl_ht": "optimal (HT-variance optimum)", "abl_unif": "uniform module-wise",
+             "abl_layer": "layer-wise (1 uniform layer)", "abl_misa_rw": "misa + reweight 1/π",
+             "abl_misa_keep": "misa + moments kept"}
+
+
+def _mean_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (0 for one value)."""
+    from scipy import stats
+
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, 0.0
+    sd = (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5
+    return m, float(stats.t.ppf(0.975, n - 1)) * sd / n**0.5
+
+
+def ablation_table(d: dict[str, Any]) -> str:
+    """Markdown table of the rule ablation: one row per (key, lr), every seed that ran."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for j in d["jobs"]:
+        if j["kind"] == "sft":
+            groups.setdefault((j["key"], j["lr"]), []).append(j)
+    base = next((j for j in d["jobs"] if j["kind"] == "base"), None)
+    out = ["| rule | lr | seeds | test accuracy (mean ± 95% CI) | test answer-token loss (mean ± 95% CI) "
+           "| step time | peak GPU mem |", "|---|---|---|---|---|---|---|"]
+    if base is not None:
+        out.append(f"| no fine-tuning | — | — | {100 * base['accuracy']:.1f}% | {base['test_loss']:.4f} | — | — |")
+    for (key, lr), runs in sorted(groups.items(), key=lambda kv: (list(ABL_LABEL).index(kv[0][0])
+                                                                   if kv[0][0] in ABL_LABEL else 99, kv[0][1])):
+        acc = _mean_ci([100 * r["accuracy"] for r in runs])
+        loss = _mean_ci([r["test_loss"] for r in runs])
+        step = sorted(r["summary"]["step_time_s"] for r in runs)[len(runs) // 2]
+        mem = max(r["summary"]["peak_mem_mb"] for r in runs) / 1024
+        out.append(f"| {ABL_LABEL.get(key, key)} | {lr:g} | {len(runs)} | {acc[0]:.1f}% ± {acc[1]:.1f} "
+                   f"| {loss[0]:.4f} ± {loss[1]:.4f} | {1000 * step:.0f} ms | {mem:.2f} GiB |")
+    return "\n".join(out)
+
+
 def cmd_report(a: argparse.Namespace) -> None:
     """Print the markdown tables and write the figures."""
     import matplotlib
@@ -606,6 +646,8 @@ def cmd_report(a: argparse.Namespace) -> None:
 
     figs = Path(a.fig_dir)
     figs.mkdir(parents=True, exist_ok=True)
+    if a.ablation:  # one table over every file (a grid split over several calls)
+        print(ablation_table({"jobs": [j for f in a.ablation for j in json.loads(Path(f).read_text())["jobs"]]}))
     if a.sft and Path(a.sft).is_file():
         d = json.loads(Path(a.sft).read_text())
         print(sft_table(d), "\n")
@@ -737,6 +779,7 @@ def main(argv: list[str] | None = None) -> None:
     rp.add_argument("--sft", default=str(ROOT / "docs" / "results" / "quality_sft.json"))
     rp.add_argument("--pretrain", default=str(ROOT / "docs" / "results" / "quality_pretrain.json"))
     rp.add_argument("--fig-dir", default=str(ROOT / "docs" / "figures"))
+    rp.add_argument("--ablation", nargs="*", default=[], help="rule-ablation JSON files: one table")
 
     a = p.parse_args(argv)
     if str(ROOT) not in sys.path:

@@ -8,7 +8,8 @@
 #
 # .data_abl holds train.jsonl / test.jsonl made by `python benchmarks/quality.py make-arith` (reasoning-gym
 # arithmetic with worked steps; test expressions never occur in train). Environment knobs: ABL_METHODS,
-# ABL_SEEDS, ABL_LRS, ABL_STEPS, ABL_WORKERS, ABL_DEADLINE.
+# ABL_SEEDS, ABL_LRS, ABL_STEPS, ABL_WORKERS, ABL_DEADLINE, ABL_HARD, ABL_EXTRA (more grid flags, e.g.
+# --no-base); a later stage2 on the same warm machine reuses the dequantised model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ablation-out}
@@ -29,9 +30,11 @@ case "${1:-}" in
       echo "machine went cold (no /root/stage/part_aa or /root/site/gguf): run stage1 again" >&2
       exit 3
     fi
-    cp .gguf2/part_ab /root/stage/
-    cat /root/stage/part_aa /root/stage/part_ab > "/root/stage/$GGUF"
-    echo "$(cat .gguf2/sha256)  /root/stage/$GGUF" | sha256sum -c
+    if [ ! -f /root/smollm2/config.json ]; then
+      cp .gguf2/part_ab /root/stage/
+      cat /root/stage/part_aa /root/stage/part_ab > "/root/stage/$GGUF"
+      echo "$(cat .gguf2/sha256)  /root/stage/$GGUF" | sha256sum -c
+    fi
     "$PY" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers",
       transformers.__version__, "peft", peft.__version__, torch.cuda.get_device_name(0))'
     [ -f /root/smollm2/config.json ] || "$PY" benchmarks/quality.py convert --gguf "/root/stage/$GGUF" --out /root/smollm2
@@ -39,7 +42,7 @@ case "${1:-}" in
       --work /root/abl --out "$OUT/ablation.json" --methods "${ABL_METHODS:?}" --seeds "${ABL_SEEDS:-0,1,2}" \
       --n-lr 1 --lrs "${ABL_LRS:?}" --steps "${ABL_STEPS:-1000}" --batch 16 --seq 128 --warmup 30 --period 5 \
       --val-fraction 0.05 --eval-every 200 --acc-n 500 --max-new-tokens 48 \
-      --workers "${ABL_WORKERS:-7}" --deadline "${ABL_DEADLINE:-420}" --hard "${ABL_HARD:-520}" --est 120
+      --workers "${ABL_WORKERS:-7}" ${ABL_EXTRA:-} --deadline "${ABL_DEADLINE:-420}" --hard "${ABL_HARD:-520}" --est 120
     ;;
   *)
     echo "usage: scripts/ablation.sh stage1|stage2" >&2
