@@ -429,7 +429,7 @@ def kl_deficit_inclusion(
     else:
         density = ua / un
         levels = np.unique(density)
-        if levels.size > 1 and e * np.diff(levels).min() >= _GREEDY_EXP:
+        if np.isinf(e) or (levels.size > 1 and e * np.diff(levels).min() >= _GREEDY_EXP):
             pi = _greedy_fill(density, un, b)
         else:
             pi = _capped_exponential(density, un, b, e)
