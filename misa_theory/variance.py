@@ -10,16 +10,17 @@ Notation (used throughout the package):
   π_b = π_{l(b)} and 1[b∈S] = 1[l(b)∈S]; A_l = Σ_{b∈l} a_b, N_l = Σ_{b∈l} n_b.
 
 The trainer's update (the primary account).  The trainer runs Adam on the masked gradient
-g_S, (g_S)_b = 1[b∈S]·g_b, without reweighting (``reweight=False``).  Adam's step m̂/√v̂ is unchanged when
-a block's gradients are all multiplied by one constant c > 0 (ε = 0; proofs/07_deficit.md), so dividing g_b
-by π_b — constant while the block's moments live — changes nothing: what the sampler controls is *which*
-blocks move, not their scale.  The matching quantities are, for any joint law of S,
+g_S, (g_S)_b = 1[b∈S]·g_b, without reweighting (``reweight=False``).  Adam's step m̂/(√v̂ + ε) on c·g equals
+the step on g with ε/c for any constant c > 0 (proofs/07_deficit.md), so dividing g_b by π_b — constant while
+the block's moments live — only changes ε to π_b·ε (global gradient clipping aside): what the sampler
+controls is *which* blocks move, not their scale.  The matching quantities are, for any joint law of S,
 
     captured  C(π) = E⟨g, g_S⟩ = E‖g_S‖² = Σ_b π_b a_b,
     deficit   D(π) = E‖g − g_S‖²          = Σ_b (1 − π_b) a_b,     C + D = ‖g‖²,
 
 the squared gradient the active set does and does not reach.  proofs/08 minimises D under the budget
-(greedy by a_b/n_b), proofs/09 adds the KL regulariser whose maximiser is the paper's softmax.
+(greedy by a_b/n_b), proofs/09 adds a KL regulariser whose maximiser is π ∝ exp(η a_b/n_b) capped at 1 —
+the paper's softmax made into inclusion probabilities when the modules have equal sizes.
 
 The reweighted variant (``reweight=True``).  The Horvitz–Thompson estimator ĝ_b = 1[b∈S]·g_b/π_b is unbiased
 and E‖ĝ − g‖² = Σ_b a_b(1/π_b − 1): only the marginals matter, never the joint law of S (proofs/01).  This
