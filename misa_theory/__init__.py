@@ -1,10 +1,14 @@
-"""Module-wise Importance SAmpling, the theory: variance, optimal distributions, the sampler.
+"""Module-wise Importance SAmpling, the theory: captured gradient and deficit, optimal distributions, the sampler.
 
 numpy/scipy only — importing this package never imports torch.
 """
 
 from .optimal import (
+    deficit_gap,
+    deficit_optimal_inclusion,
+    kl_deficit_inclusion,
     kl_softmax,
+    optimal_deficit,
     optimal_inclusion,
     optimal_variance,
     proportional_inclusion,
@@ -17,6 +21,7 @@ from .variance import (
     captured_gradient,
     gradient_deficit,
     monte_carlo,
+    reweighted_variance,
     sampled_gradient_variance,
 )
 
@@ -25,12 +30,17 @@ __all__ = [
     "ModuleSampler",
     "MonteCarloEstimate",
     "captured_gradient",
+    "deficit_gap",
+    "deficit_optimal_inclusion",
     "gradient_deficit",
+    "kl_deficit_inclusion",
     "kl_softmax",
     "monte_carlo",
+    "optimal_deficit",
     "optimal_inclusion",
     "optimal_variance",
     "proportional_inclusion",
+    "reweighted_variance",
     "sampled_gradient_variance",
     "uncapped_optimal_variance",
     "variance_gap",

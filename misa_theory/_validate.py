@@ -41,6 +41,14 @@ def probabilities(value: object, name: str) -> np.ndarray:
     return np.minimum(arr, 1.0)
 
 
+def unit_interval(value: object, name: str) -> np.ndarray:
+    """1-D float64 array with entries in [0, 1] (inclusion probabilities of a design that may leave a module out)."""
+    arr = as_vector(value, name)
+    if np.any(arr < 0) or np.any(arr > 1 + 1e-12):
+        raise ValueError(f"{name} must lie in [0, 1] (found range [{arr.min():g}, {arr.max():g}])")
+    return np.minimum(arr, 1.0)
+
+
 def group_ids(groups: object, n: int, name: str = "groups") -> tuple[np.ndarray, int]:
     """Map arbitrary integer group labels to dense ids 0..L-1 (order of first appearance kept by value).
 

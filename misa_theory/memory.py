@@ -53,8 +53,9 @@ tests/test_memory_model.py, or against the GPU measurements):
   forward: the chunked loss's fp32 accumulator of ∂L/∂W (4·V·h, kept until backward) and, per chunk, the
   product gᵀ·H_c added into it (2·V·h, with g 2·c·V): ``head_fwd_transient``;
   loss node in backward: ``grad_w.mul_(grad_out).to(bf16)`` scales the saved accumulator in place and
-  casts it (2·V·h), 6·V·h at once: ``head_bwd_transient``; code before the in-place product
-  (``inplace_head_grad=False``, the committed bench rows) made a new fp32 V×h (4·V·h) first, 10·V·h at once;
+  casts it (2·V·h), 6·V·h at once: ``head_bwd_transient``; an out-of-place product
+  (``inplace_head_grad=False``: the bench rows in docs/results without that flag) makes a new fp32 V×h
+  (4·V·h) first, 10·V·h at once;
   rest of backward: the head's gradient (2·V·h) exists throughout: untied as the head's ``.grad``, tied in
   autograd's input buffer of the shared matrix, waiting for the embedding's gradient;
   embedding backward (when the embedding matrix requires grad): the dense V×h gradient (2·V·h) next to
@@ -181,8 +182,8 @@ def head_bwd_transient(a: Arch, inplace: bool = True) -> int:
     """Bytes the loss node's backward allocates for ∂L/∂W_head on top of its saved fp32 accumulator (4·V·h).
 
     ``grad_w.mul_(grad_out).to(weight dtype)``: the cast, a V×h tensor in the weight dtype (2·V·h).
-    ``inplace=False`` is the earlier out-of-place ``(grad_w * grad_out).to(...)``, which made a new fp32 V×h
-    tensor (4·V·h) before the cast: 6·V·h (the committed GPU rows were measured with it).
+    ``inplace=False``: the out-of-place ``(grad_w * grad_out).to(...)`` makes a new fp32 V×h tensor (4·V·h)
+    before the cast, 6·V·h (the bench rows in docs/results recorded without ``inplace_head_grad`` ran it).
     """
     return (2 if inplace else 6) * a.vocab_size * a.hidden_size
 
@@ -207,13 +208,23 @@ def _norm_saved(T: int, h: int, x_grad: bool, w_grad: bool, lean_ops: bool) -> i
     return (4 * T * h + 4 * T if x_grad else 0) + (2 * T * h if w_grad else 0)
 
 
-def _layer_saved(a: Arch, T: int, x_grad: bool, trainable: set[str], norms: bool,
-                 lora_r: int | None, lean_ops: bool = False, attn_out_shared: bool = False) -> tuple[int, bool]:
+def layer_saved_bytes(a: Arch, T: int, x_grad: bool, trainable: set[str], norms: bool,
+                      lora_r: int | None, lean_ops: bool = False, attn_out_shared: bool = False) -> tuple[int, bool]:
     """Bytes autograd saves in one decoder layer, and whether its output requires grad.
 
-    ``trainable``: module kinds whose base weight trains; ``lora_r``: LoRA on every kind (adapters train);
-    ``lean_ops``: misa_train.lean_ops patched in (SwiGLU saves g, u; RMSNorm its bf16 input);
-    ``attn_out_shared``: o_proj's saved input is the storage SDPA saved as its output (see predict_peak).
+    The per-layer rule of the module docstring, checked against a census of the Hugging Face Llama
+    (tests/test_memory_model.py).
+
+    Args:
+        a: the architecture. T: tokens per step (batch · seq).
+        x_grad: the layer's input requires grad.
+        trainable: module kinds whose base weight trains. norms: the RMSNorm weights train.
+        lora_r: LoRA rank on every kind (adapters train), or None.
+        lean_ops: misa_train.lean_ops patched in (SwiGLU saves g, u; RMSNorm its bf16 input).
+        attn_out_shared: o_proj's saved input is the storage SDPA saved as its output (see predict_peak).
+
+    Returns:
+        (bytes saved for backward, whether the layer's output requires grad).
     """
     h, i, hq, hkv, nh = a.hidden_size, a.intermediate_size, a.hq, a.hkv, a.num_attention_heads
     lora = lora_r is not None
@@ -324,6 +335,122 @@ def method_plan(a: Arch, method: str, *, delta: float = 0.01, lisa_layers: int =
             "n_active": sum(layer_active) + emb_n + head_n + final_norm}
 
 
+@dataclass(frozen=True)
+class _Persistent:
+    """Bytes that live through the whole step: weights, fp32 masters, Adam moments; and the gradients."""
+
+    weights: int
+    masters: int
+    moments: int
+    layer_grads: list[int]            # gradient bytes of each layer's trainable parameters
+    grads_total: int                  # every trainable parameter's gradient (layers, embeddings, head, norm)
+    n_optimised: int                  # parameters the optimizer steps (bf16 actives + LoRA adapters)
+
+    @property
+    def base(self) -> int:
+        return self.weights + self.masters + self.moments
+
+
+@dataclass(frozen=True)
+class _Activations:
+    """Per layer: saved bytes, bytes kept to backward (all, or the input under checkpointing), on the graph."""
+
+    saved: list[int]
+    kept: list[int]
+    on_graph: list[bool]
+    top_grad: bool                    # the last layer's output requires grad
+    transient: int                    # one layer's backward transient
+
+
+@dataclass(frozen=True)
+class _Loss:
+    """The loss path: final norm + hidden, the loss's forward peak and its backward node, head gradient."""
+
+    final: int
+    forward_peak: int
+    backward_node: int
+    head_grad: bool
+
+
+def _persistent_bytes(a: Arch, plan: dict[str, Any], lora_n_layer: int) -> _Persistent:
+    """bf16 weights (2 B) + fp32 LoRA adapters (4 B); 4 B masters and 8 B moments per active parameter."""
+    L = a.num_hidden_layers
+    lora_n = L * lora_n_layer
+    n_bf16 = plan["n_active"]
+    layer_grads = [4 * lora_n_layer] * L if lora_n else [2 * n for n in plan["layer_active"]]
+    # the head's gradient is separate only when untied: a tied matrix's one gradient is the embedding's
+    total = sum(layer_grads) + 2 * plan["emb_n"] + 2 * plan["head_n"] + 2 * plan["final_norm_n"]
+    return _Persistent(weights=2 * a.total_params() + 4 * lora_n, masters=4 * n_bf16, moments=8 * (n_bf16 + lora_n),
+                       layer_grads=layer_grads, grads_total=total, n_optimised=n_bf16 + lora_n)
+
+
+def _activation_bytes(a: Arch, plan: dict[str, Any], T: int, input_grads: bool, ckpt: bool,
+                      lora_r: int | None, lean_ops: bool, attn_out_shared: bool) -> _Activations:
+    """Walk the layers bottom-up: what each saves (:func:`layer_saved_bytes`) and whether it is on the graph.
+
+    With checkpointing only each on-graph layer's input (2·T·h) is kept; backward recomputes one layer at a
+    time, and the layer being differentiated holds its own saved set.
+    """
+    saved, on_graph = [], []
+    x_grad = input_grads
+    for trainable in plan["per_layer"]:
+        b, out_grad = layer_saved_bytes(a, T, x_grad, trainable, plan["norms"], lora_r, lean_ops, attn_out_shared)
+        on_graph.append(x_grad or b > 0)
+        saved.append(b)
+        x_grad = out_grad
+    kept = [2 * T * a.hidden_size if g else 0 for g in on_graph] if ckpt else saved
+    transient = int(BWD_TRANSIENT_I * T * a.intermediate_size + BWD_TRANSIENT_H * T * a.hidden_size)
+    return _Activations(saved, kept, on_graph, x_grad, transient)
+
+
+def _loss_bytes(a: Arch, plan: dict[str, Any], T: int, top_grad: bool, chunked_ce: bool, lean_ops: bool,
+                inplace_head_grad: bool) -> _Loss:
+    """The loss path's bytes (module docstring, "Loss" and "Head/embedding gradients").
+
+    ∂L/∂W of the head is computed whenever the head matrix requires grad: an untied trainable head, or a
+    tied matrix trained as embeddings and/or head.
+    """
+    h, V = a.hidden_size, a.vocab_size
+    Vh = V * h
+    head_grad = plan["head_trains"] or (a.tie_word_embeddings and plan["emb"])
+    final = _norm_saved(T, h, top_grad, False, lean_ops) + 2 * T * h   # final norm's saved input, final hidden
+    if not chunked_ce:
+        return _Loss(final, 10 * T * V, 14 * T * V + 2 * T * h + (2 * Vh if head_grad else 0), head_grad)
+    c = min(max(64, CE_CHUNK_ELEMS // V), T)
+    keep = (2 * T * h if top_grad else 0) + (4 * Vh if head_grad else 0)
+    chunk = 8 * c * V                 # fp32 logits + logsumexp's fp32 (z - max)
+    if head_grad:
+        chunk = max(chunk, head_fwd_transient(a, T))   # bf16 g and the V×h product gᵀ·H_c
+    node = keep + 2 * T * h + (head_bwd_transient(a, inplace_head_grad) if head_grad else 0)
+    return _Loss(final, keep + chunk, node, head_grad)
+
+
+def _backward_peak(a: Arch, plan: dict[str, Any], T: int, ckpt: bool, pers: _Persistent, acts: _Activations,
+                   loss: _Loss) -> tuple[int, int, int]:
+    """Bytes at the three backward points: the loss node, the worst layer of the top-down walk, the embedding.
+
+    At layer l the layers below still hold what they kept; the gradients produced so far (the head's from the
+    loss node on: untied as its ``.grad``, tied in autograd's input buffer of the shared matrix) add up.
+    """
+    h = a.hidden_size
+    kept_total = sum(acts.kept)
+    # as at the forward end, with the loss node (and 2·T·h) in place of the final hidden/norm and loss buffers
+    at_loss = pers.base + kept_total + loss.backward_node + 2 * T * h
+    below = kept_total
+    grads = 2 * a.vocab_size * h if loss.head_grad else 0
+    worst_layer = 0
+    for layer in reversed(range(a.num_hidden_layers)):
+        if not acts.on_graph[layer]:
+            continue
+        below -= acts.kept[layer]
+        own = acts.kept[layer] + acts.saved[layer] if ckpt else acts.saved[layer]
+        here = pers.base + below + own + grads + pers.layer_grads[layer] + acts.transient + 2 * T * h
+        worst_layer = max(worst_layer, here)
+        grads += pers.layer_grads[layer]
+    at_embedding = (pers.base + grads + emb_bwd_transient(a, T)) if plan["emb"] else 0
+    return at_loss, worst_layer, at_embedding
+
+
 def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch: int = 1,
                  ckpt: bool = False, delta: float = 0.01, lisa_layers: int = 2, badam_layers: int = 1,
                  lora_r: int = 16, chunked_ce: bool = True, active: Iterable[tuple[int, str]] | None = None,
@@ -343,8 +470,9 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
         lean_ops: misa_train.lean_ops patched in (TrainConfig.lean_ops, default True): SwiGLU saves 2 instead
             of 3 (T × i) bf16 tensors, each RMSNorm its bf16 input (2 B/element) instead of an fp32 copy
             (4 B/element). False = the stock Hugging Face modules.
-        inplace_head_grad: the chunked loss scales its saved head gradient in place in backward (the trainer
-            since stop 10); False = the earlier out-of-place product, 4·V·h more at the loss node.
+        inplace_head_grad: the chunked loss scales its saved head gradient in place in backward, as the
+            trainer does; False models the out-of-place product (4·V·h more at the loss node) that the bench
+            rows recorded without this flag ran with (misa_train.bench_grid.predict_kwargs).
         attn_out_shared: SDPA returns the attention output in (B, S, H, d) layout, so the decoder's
             ``transpose(1, 2).contiguous()`` copies nothing and o_proj's saved input *is* SDPA's saved output
             (2·T·h_q per layer where o_proj trains and attention is on the graph, counted once). Measured:
@@ -356,98 +484,31 @@ def predict_peak(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, batch
     if seq < 2 or batch < 1:
         raise ValueError("seq must be >= 2 and batch >= 1")
     T = seq * batch
-    h, V, L = a.hidden_size, a.vocab_size, a.num_hidden_layers
     plan = method_plan(a, method, delta=delta, lisa_layers=lisa_layers, badam_layers=badam_layers,
                        active=active, train_embeddings=train_embeddings, train_head=train_head)
-    lora_r_eff = lora_r if method == "lora" else None
     if input_grads is None:
-        input_grads = plan["emb"] or (ckpt and not plan["emb"])
-
-    # --- persistent: weights and optimizer state
-    weights = 2 * a.total_params()
-    lora_n = L * _lora_layer_params(a, lora_r) if method == "lora" else 0
-    weights += 4 * lora_n
-    n_bf16 = plan["n_active"]
-    master = 4 * n_bf16
-    adam = 8 * (n_bf16 + lora_n)
-    grad_bytes = [2 * n for n in plan["layer_active"]]
-    if lora_n:
-        grad_bytes = [4 * _lora_layer_params(a, lora_r)] * L
-    grad_emb = 2 * plan["emb_n"]
-    grad_head = 2 * plan["head_n"]  # untied only: a tied matrix's one gradient is grad_emb
-    grad_total = sum(grad_bytes) + grad_emb + grad_head + 2 * plan["final_norm_n"]
-
-    # --- saved activations per layer (and which layers are on the graph)
-    saved = []
-    x_grad = bool(input_grads)
-    on_graph = []
-    for layer in range(L):
-        tr = plan["per_layer"][layer]
-        b, out_grad = _layer_saved(a, T, x_grad, tr, plan["norms"], lora_r_eff, lean_ops, attn_out_shared)
-        on_graph.append(x_grad or b > 0)
-        saved.append(b)
-        x_grad = out_grad
-    transient = int(BWD_TRANSIENT_I * T * a.intermediate_size + BWD_TRANSIENT_H * T * h)
-    # with checkpointing only each on-graph layer's input stays; backward recomputes one layer at a time, and
-    # the layer being differentiated holds its own saved set (not the largest of all layers: measured on an
-    # H100, 8B BAdam seq 8192 predicted 21.65 GiB with that, 21.30 with this, 21.12 measured)
-    kept = [2 * T * h if g else 0 for g in on_graph] if ckpt else saved
-
-    # --- loss path
-    # ∂L/∂W of the head is computed whenever the head matrix requires grad: an untied trainable head, or a
-    # tied matrix trained as embeddings and/or head. The embedding backward runs whenever the embedding
-    # matrix requires grad (plan["emb"]; tied: the same matrix).
-    Vh = V * h
-    head_grad = plan["head_trains"] or (a.tie_word_embeddings and plan["emb"])
-    final = _norm_saved(T, h, x_grad, False, lean_ops) + 2 * T * h   # final norm's saved input, the final hidden
-    if chunked_ce:
-        c = min(max(64, CE_CHUNK_ELEMS // V), T)
-        loss_keep = (2 * T * h if x_grad else 0) + (4 * Vh if head_grad else 0)
-        chunk = 8 * c * V                 # fp32 logits + logsumexp's fp32 (z - max)
-        if head_grad:
-            chunk = max(chunk, head_fwd_transient(a, T))   # bf16 g and the V×h product gᵀ·H_c
-        loss_fwd_peak = loss_keep + chunk
-        loss_bwd = loss_keep + 2 * T * h + (head_bwd_transient(a, inplace_head_grad) if head_grad else 0)
-    else:
-        loss_keep = 6 * T * V
-        loss_fwd_peak = 10 * T * V
-        loss_bwd = 14 * T * V + 2 * T * h + (2 * Vh if head_grad else 0)  # the head's mm gradient
-
-    base = weights + master + adam
-    acts = sum(kept) + final
-    fwd_end = base + acts + loss_fwd_peak
-    # backward: top-down; at layer l the layers below still hold their activations
-    bwd_loss = base + acts + loss_bwd - final + 2 * T * h  # the first step of backward (loss)
-    bwd_layers = 0
-    below = sum(kept)
-    # the head's gradient (weight dtype) exists from the loss node on: untied, as the head's .grad; tied, in
-    # the autograd input buffer of the shared matrix, where it waits for the embedding's gradient
-    head_g = 2 * Vh if head_grad else 0
-    grads_so_far = head_g
-    for layer in reversed(range(L)):
-        if not on_graph[layer]:
-            continue
-        below -= kept[layer]
-        here = (base + below + (kept[layer] + saved[layer] if ckpt else saved[layer]) + grads_so_far
-                + grad_bytes[layer] + transient + 2 * T * h)
-        bwd_layers = max(bwd_layers, here)
-        grads_so_far += grad_bytes[layer]
-    bwd_emb = (base + grads_so_far + emb_bwd_transient(a, T)) if plan["emb"] else 0
-    bwd_peak = max(bwd_loss, bwd_layers, bwd_emb)
-    n_opt = n_bf16 + lora_n
-    step = base + grad_total + 4 * n_opt
-    phases = {"forward_end": int(fwd_end), "backward": int(bwd_peak), "optimizer_step": int(step)}
+        input_grads = plan["emb"] or ckpt
+    pers = _persistent_bytes(a, plan, _lora_layer_params(a, lora_r) if method == "lora" else 0)
+    acts = _activation_bytes(a, plan, T, bool(input_grads), ckpt, lora_r if method == "lora" else None, lean_ops,
+                             attn_out_shared)
+    loss = _loss_bytes(a, plan, T, acts.top_grad, chunked_ce, lean_ops, inplace_head_grad)
+    fwd_end = pers.base + sum(acts.kept) + loss.final + loss.forward_peak
+    bwd_loss, bwd_layers, bwd_emb = _backward_peak(a, plan, T, ckpt, pers, acts, loss)
+    step = pers.base + pers.grads_total + 4 * pers.n_optimised
+    phases = {"forward_end": int(fwd_end), "backward": int(max(bwd_loss, bwd_layers, bwd_emb)),
+              "optimizer_step": int(step)}
     points = {"forward_end": int(fwd_end), "backward_loss": int(bwd_loss), "backward_layers": int(bwd_layers),
               "backward_embedding": int(bwd_emb), "optimizer_step": int(step)}
     phase = max(phases, key=phases.__getitem__)
-    breakdown = {"weights_bf16": weights, "fp32_masters": master, "adam_moments": adam}
+    breakdown = {"weights_bf16": pers.weights, "fp32_masters": pers.masters, "adam_moments": pers.moments}
     if phase == "optimizer_step":
-        breakdown.update(gradients=grad_total, step_fp32_temporaries=4 * n_opt)
+        breakdown.update(gradients=pers.grads_total, step_fp32_temporaries=4 * pers.n_optimised)
     elif phase == "forward_end":
-        breakdown.update(saved_activations=sum(kept), final_hidden_and_norm=final, loss_buffers=loss_fwd_peak)
+        breakdown.update(saved_activations=sum(acts.kept), final_hidden_and_norm=loss.final,
+                         loss_buffers=loss.forward_peak)
     else:
-        breakdown.update(activations_and_backward=int(bwd_peak - base))
-    return Estimate(int(phases[phase]), phase, {k: int(v) for k, v in breakdown.items()}, phases, points)
+        breakdown.update(activations_and_backward=phases["backward"] - pers.base)
+    return Estimate(phases[phase], phase, {k: int(v) for k, v in breakdown.items()}, phases, points)
 
 
 def flops_per_token(arch: Mapping[str, Any] | Arch, method: str, *, seq: int, delta: float = 0.01,

@@ -1,17 +1,30 @@
-r"""Budgeted inclusion probabilities: the variance optimum, the paper's softmax, and their closed forms.
+r"""Budgeted inclusion probabilities: the deficit optimum, its KL-regularised softmax, the variance optimum.
 
-The design problem (module-wise; see proofs/02_kkt.md):
+Notation as in :mod:`misa_theory.variance`: a_b ≥ 0 squared gradient norms, n_b > 0 module sizes
+(parameters), π_b inclusion probabilities, and a parameter budget Σ_b n_b π_b ≤ budget.  A unit u is a
+module, or with ``groups`` a whole layer (A_u = Σ_{b∈u} a_b, N_u = Σ_{b∈u} n_b, one π per layer).
+
+The trainer's account (unweighted block-Adam; proofs/07–10):
+
+* deficit optimum — minimise D(π) = Σ_u A_u(1 − π_u) s.t. Σ_u N_u π_u ≤ budget, floor ≤ π ≤ 1.  A
+  fractional knapsack: units by density A_u/N_u, highest first, π = 1 while they fit, the next one gets
+  the remainder (proofs/08_deficit_optimal.md, an LP duality certificate);
+* KL-regularised optimum — maximise Σ_u A_u π_u − (1/η)·Σ_u N_u[π_u log(π_u/δ) − π_u + δ], δ = budget/ΣN_u,
+  under the same budget.  On the spent budget the regulariser is budget·KL(p‖u) between the budget shares
+  p_u = N_u π_u/budget and the size shares u_u = N_u/ΣN.  Solution π_u = min(1, c·exp(η A_u/N_u)); with
+  equal sizes this is the paper's softmax p ∝ exp(η'·a) made into inclusion probabilities ∝ p
+  (proofs/09_kl_budgeted_softmax.md); η → ∞ gives the deficit optimum, η → 0 uniform π = δ.
+
+The reweighted variant (``reweight=True``; proofs/02–03):
 
     minimise   V(π) = Σ_b a_b (1/π_b − 1)
-    subject to Σ_b π_b n_b ≤ B,   floor ≤ π_b ≤ 1,
+    subject to Σ_b π_b n_b ≤ budget,   floor ≤ π_b ≤ 1.
 
-with a_b ≥ 0 squared gradient norms, n_b > 0 module sizes (parameters) and B the parameter budget.
 KKT gives π_b = clip(√(a_b/(λ n_b)), floor, 1) with λ ≥ 0 fixed by the budget, found here exactly by
-water-filling over the piecewise-linear map μ = λ^{-1/2} ↦ Σ_b n_b π_b(μ) in O(B log B).
-
-Layer-wise designs constrain π constant within a layer l; the problem is then the same one over layers
-with A_l = Σ_{b∈l} a_b and N_l = Σ_{b∈l} n_b.  Uncapped optima: module-wise (Σ_b √(a_b n_b))²/B − Σa,
-layer-wise (Σ_l √(A_l N_l))²/B − Σa; Cauchy–Schwarz, Σ_{b∈l} √(a_b n_b) ≤ √(A_l N_l), orders them.
+water-filling over the piecewise-linear map μ = λ^{-1/2} ↦ Σ_b n_b π_b(μ) in O(B log B)
+(proofs/02_optimal_inclusion.md).  Layer-wise designs solve the same problem over layers (A_l, N_l).
+Uncapped optima: module-wise (Σ_b √(a_b n_b))²/budget − Σa, layer-wise (Σ_l √(A_l N_l))²/budget − Σa;
+Cauchy–Schwarz, Σ_{b∈l} √(a_b n_b) ≤ √(A_l N_l), orders them (proofs/03_modulewise_vs_layerwise.md).
 """
 
 from __future__ import annotations
@@ -157,7 +170,7 @@ def optimal_inclusion(
     groups: object | None = None,
     floor: float = 0.0,
 ) -> np.ndarray:
-    r"""Variance-optimal inclusion probabilities under a parameter budget.
+    r"""Variance-optimal inclusion probabilities of the reweighted variant under a parameter budget.
 
     Minimises Σ_b a_b(1/π_b − 1) s.t. Σ_b π_b n_b ≤ budget and floor ≤ π_b ≤ 1.  Solution
     π_b = clip(√(a_b/(λ n_b)), floor, 1) (KKT), λ by exact water-filling.  With ``groups`` the
@@ -199,7 +212,9 @@ def proportional_inclusion(weights: object, sizes: object, budget: float, floor:
 def kl_softmax(scores: object, eta: float) -> np.ndarray:
     r"""The paper's distribution p_b ∝ exp(η·s_b).
 
-    It is the maximiser over the simplex of Σ_b p_b s_b − (1/η)·KL(p ‖ uniform) (proofs/04_softmax.md).
+    It is the maximiser over the simplex of Σ_b p_b s_b − (1/η)·KL(p ‖ uniform) (proofs/04_kl_softmax.md):
+    the captured score of one module drawn from p.  Under a budget, :func:`kl_deficit_inclusion` is the
+    maximiser over inclusion probabilities (proofs/09_kl_budgeted_softmax.md).
     η = 0 gives the uniform distribution, η = ∞ the uniform distribution over argmax s (greedy).  Shifting
     by max s keeps exp from overflowing for any η.
     """
@@ -255,3 +270,167 @@ def variance_gap(sq_norms: object, sizes: object, budget: float, groups: object)
     layer = uncapped_optimal_variance(sq_norms, sizes, budget, groups)
     module = uncapped_optimal_variance(sq_norms, sizes, budget, None)
     return layer - module
+
+
+def _check_eta(eta: float) -> float:
+    e = float(eta)
+    if np.isnan(e) or e < 0:
+        raise ValueError(f"eta must be ≥ 0, got {eta!r}")
+    return e
+
+
+def _validated_units(
+    sq_norms: object, sizes: object, budget: float, groups: object | None, floor: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+    a = nonnegative(sq_norms, "sq_norms")
+    n = positive(sizes, "sizes")
+    same_length(a.shape[0], sizes=n)
+    b = _check_budget(budget, n, floor)
+    ua, un, gid = _units(a, n, groups)
+    return ua, un, gid, b
+
+
+def _greedy_fill(density: np.ndarray, sizes: np.ndarray, budget: float) -> np.ndarray:
+    """Fractional knapsack: by density, highest first, π = 1 while a unit fits, the next gets the remainder.
+
+    Units of equal density share their level (π equal within a tie), which is the η → ∞ limit of
+    :func:`kl_deficit_inclusion`.  Spends min(budget, Σ sizes).  Shapes (U,) in, (U,) out.
+    """
+    order = np.argsort(-density, kind="stable")
+    before = np.concatenate(([0.0], np.cumsum(sizes[order])[:-1]))  # budget used by the units ahead
+    pi = np.empty_like(density)
+    pi[order] = np.clip((budget - before) / sizes[order], 0.0, 1.0)
+    _, tie = np.unique(density, return_inverse=True)
+    return (np.bincount(tie, sizes * pi) / np.bincount(tie, sizes))[tie]
+
+
+def deficit_optimal_inclusion(
+    sq_norms: object,
+    sizes: object,
+    budget: float,
+    groups: object | None = None,
+    floor: float = 0.0,
+) -> np.ndarray:
+    r"""argmin D(π) = Σ_b a_b(1 − π_b) s.t. Σ_b n_b π_b ≤ budget, floor ≤ π_b ≤ 1: greedy by a_b/n_b.
+
+    A linear program whose optimum is the fractional knapsack: every unit gets the floor, then units in
+    decreasing density a_u/n_u get π = 1 while they fit and the next one the rest of the budget
+    (proofs/08_deficit_optimal.md: the dual λ = that unit's density certifies it).  Units of equal
+    density share one level; units with a_u = 0 take budget only when nothing else is left to take.
+    With ``groups`` the layer-wise optimum: one π per layer, from the same problem on (A_l, N_l).
+
+    Args:
+        sq_norms: a_b ≥ 0, shape (B,).
+        sizes: n_b > 0 parameters per module, shape (B,).
+        budget: parameters that may be active at once (≥ the smallest module).
+        groups: optional integer layer id per module, shape (B,).
+        floor: lower bound on every π (needs floor·Σn ≤ budget).
+
+    Returns:
+        π per module, shape (B,), float64, spending min(budget, Σ n_b).
+
+    Raises:
+        ValueError: naming the argument that is malformed.
+    """
+    ua, un, gid, b = _validated_units(sq_norms, sizes, budget, groups, floor)
+    if floor >= 1.0:  # the budget check allowed it: everything fits
+        pi = np.ones_like(ua)
+    else:
+        rest = max(b - floor * un.sum(), 0.0) / (1.0 - floor)
+        pi = floor + (1.0 - floor) * _greedy_fill(ua / un, un, rest)
+    return pi if gid is None else pi[gid]
+
+
+def optimal_deficit(
+    sq_norms: object,
+    sizes: object,
+    budget: float,
+    groups: object | None = None,
+    floor: float = 0.0,
+) -> float:
+    """min D(π) = Σ_b a_b(1 − π*_b) at π* of :func:`deficit_optimal_inclusion`, in units of a_b."""
+    a = nonnegative(sq_norms, "sq_norms")
+    return float(np.sum(a * (1.0 - deficit_optimal_inclusion(a, sizes, budget, groups, floor))))
+
+
+def deficit_gap(sq_norms: object, sizes: object, budget: float, groups: object, floor: float = 0.0) -> float:
+    r"""Layer-wise minus module-wise optimal deficit at one budget: D*_layer − D*_module ≥ 0.
+
+    Every layer-wise π is a module-wise π (proofs/10_deficit_modulewise_vs_layerwise.md); the gap is
+    zero when a_b/n_b is constant within every layer.
+    """
+    layer = optimal_deficit(sq_norms, sizes, budget, groups, floor)
+    return layer - optimal_deficit(sq_norms, sizes, budget, None, floor)
+
+
+def _capped_exponential(density: np.ndarray, sizes: np.ndarray, budget: float, eta: float) -> np.ndarray:
+    """π_u = min(1, c·exp(η·density_u)) with c > 0 such that Σ_u sizes_u π_u = budget (< Σ sizes).
+
+    With units sorted by density, capping the top j leaves c_j = (budget − Σ_{i<j} n_i)/Σ_{i≥j} n_i e^{η d_i};
+    the first j whose unit j stays ≤ 1 is the solution (proofs/09_kl_budgeted_softmax.md).  j is found in
+    log space; the uncapped π are then formed from e^{η(d_i − d_j)} ≤ 1, so they spend the budget exactly.
+    """
+    order = np.argsort(-density, kind="stable")
+    d = density[order]
+    n = sizes[order]
+    z = eta * (d - d[0])
+    tail = np.logaddexp.accumulate((z + np.log(n))[::-1])[::-1]  # log Σ_{i≥j} n_i e^{z_i}
+    rest = budget - np.concatenate(([0.0], np.cumsum(n)[:-1]))
+    with np.errstate(divide="ignore", invalid="ignore"):  # rest ≤ 0 once the capped units overspend
+        fits = (rest > 0) & (z + np.log(rest) - tail <= 0.0)
+    j = int(np.argmax(fits))
+    w = np.exp(eta * (d[j:] - d[j]))  # ≤ 1: the uncapped units relative to the largest of them
+    pi = np.ones_like(density)
+    pi[order[j:]] = np.minimum(1.0, rest[j] * w / float(n[j:] @ w))
+    return pi
+
+
+#: η·(smallest gap between distinct densities) beyond which exp underflows and the greedy limit is exact
+_GREEDY_EXP = 745.0
+
+
+def kl_deficit_inclusion(
+    sq_norms: object,
+    sizes: object,
+    budget: float,
+    eta: float,
+    groups: object | None = None,
+) -> np.ndarray:
+    r"""The KL-regularised budgeted maximiser of captured gradient: π_u = min(1, c·exp(η a_u/n_u)).
+
+    .. math::
+        \max_{0 \le π \le 1,\; Σ_u n_u π_u \le \text{budget}}\;
+        Σ_u a_u π_u − \frac1η Σ_u n_u\Big[π_u \log\frac{π_u}{δ} − π_u + δ\Big],\qquad δ = \text{budget}/Σ_u n_u .
+
+    On the spent budget the regulariser equals budget·KL(p ‖ s) for the budget shares p_u = n_u π_u/budget
+    and the size shares s_u = n_u/Σn; the objective is strictly concave, the solution unique and the budget
+    spent exactly; c ∈ (0, δ] is found exactly (proofs/09_kl_budgeted_softmax.md).  With equal sizes n this
+    is the paper's softmax p ∝ exp((η/n)·a) turned into inclusion ∝ p, capped at 1.  η = 0 gives uniform
+    π = δ; η = ∞ the deficit optimum :func:`deficit_optimal_inclusion`, approached with
+    D(π_η) − D* ≤ budget·log(1/δ)/η.  With ``groups``, one π per layer from (A_l, N_l).
+
+    Args:
+        sq_norms: a_b ≥ 0, shape (B,).
+        sizes: n_b > 0 parameters per module, shape (B,).
+        budget: parameters that may be active at once (≥ the smallest module).
+        eta: η ≥ 0, inverse temperature, in 1/(squared gradient norm per parameter); ``math.inf`` allowed.
+        groups: optional integer layer id per module, shape (B,).
+
+    Returns:
+        π per module, shape (B,), float64, in (0, 1] for finite η.
+
+    Raises:
+        ValueError: naming the argument that is malformed.
+    """
+    ua, un, gid, b = _validated_units(sq_norms, sizes, budget, groups, 0.0)
+    e = _check_eta(eta)
+    if un.sum() <= b:
+        pi = np.ones_like(ua)
+    else:
+        density = ua / un
+        levels = np.unique(density)
+        if np.isinf(e) or (levels.size > 1 and e * np.diff(levels).min() >= _GREEDY_EXP):
+            pi = _greedy_fill(density, un, b)
+        else:
+            pi = _capped_exponential(density, un, b, e)
+    return pi if gid is None else pi[gid]

@@ -27,33 +27,103 @@ FIGDIR.mkdir(parents=True, exist_ok=True)
 print("small" if SMALL else "full", "run; figures ->", FIGDIR)'''
 
 NB1 = [
-    new_markdown_cell("# 01 — Sampling variance: layer-wise vs module-wise\n"
-                      "E‖ĝ−g‖² = Σ_b a_b(1/π_b − 1) for the unbiased block estimator, on Llama-3-8B module sizes "
-                      "(32 layers, d=4096, kv=1024, ff=14336) with a synthetic heterogeneous norm profile."),
+    new_markdown_cell("# 01 — What the active set misses: module-wise vs layer-wise\n"
+                      "The trainer runs unweighted block-Adam on the masked gradient g_S; Adam divides any constant "
+                      "per-block scale back out, so the account that applies is the **deficit** "
+                      "D(π) = E‖g − g_S‖² = Σ_b a_b(1 − π_b), the squared gradient the active set leaves "
+                      "untouched (proofs/07). Under a parameter budget δ its optimum is greedy by a_b/n_b "
+                      "(proofs/08), module-wise never misses more than layer-wise (proofs/10), and the "
+                      "KL-regularised optimum is π ∝ exp(η·a_b/n_b) capped at 1 (proofs/09; the paper's softmax "
+                      "when sizes are equal). Designs below: Llama-3-8B module sizes (32 layers, d=4096, kv=1024, "
+                      "ff=14336) with a synthetic heterogeneous norm profile."),
     new_code_cell(SETUP),
     new_code_cell('''from misa_theory.problems import llama3_8b_layout, synthetic_sq_norms
-from misa_theory.cli import variance_table
+from misa_theory.optimal import (deficit_optimal_inclusion, kl_deficit_inclusion, kl_softmax, optimal_inclusion,
+                                 proportional_inclusion)
 sizes, layers, kinds = llama3_8b_layout()
 a = synthetic_sq_norms(sizes, layers, kinds, seed=0)
 layer_frac = np.bincount(layers, sizes).max() / sizes.sum()
 deltas = np.geomspace(max(layer_frac, 0.035), 0.9, 5 if SMALL else 20)
-etas = [0.5, 1, 2] if SMALL else [0, 0.5, 1, 2, 4]
-rows = [variance_table(a, sizes, layers, d, etas) for d in deltas]
-print({k: f"{v / a.sum():.3g}" for k, v in rows[0].items()})'''),
-    new_code_cell('''def plot_variance(rows, deltas, total, title, path):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in rows[0]:
-        y = np.array([r[name] for r in rows]) / total
-        style = "--" if "softmax" in name else "-"
-        ax.loglog(deltas, y, style, label=name)
+etas = [1, 4] if SMALL else [0.5, 1, 2, 4]
+
+def designs(a, sizes, layers, delta, etas):
+    """Inclusion π per module for each design at budget ⌊δ·Σn⌋; η is dimensionless (scores over their mean)."""
+    n = sizes.astype(float)
+    budget = float(np.floor(delta * n.sum()))
+    gid = np.unique(layers, return_inverse=True)[1]
+    rho = a / n                                    # squared gradient per parameter
+    out = {
+        "uniform π = δ (LISA, BAdam on average; uniform module-wise)": proportional_inclusion(np.ones(n.size), n,
+                                                                                              budget),
+        "optimal layer-wise": deficit_optimal_inclusion(a, n, budget, groups=gid),
+        "optimal module-wise": deficit_optimal_inclusion(a, n, budget),
+        "HT-variance-optimal module-wise": optimal_inclusion(a, n, budget),
+    }
+    for eta in etas:
+        out[f"paper softmax ∝ exp(η·a/mean a), η={eta:g}"] = proportional_inclusion(
+            kl_softmax(a / a.mean(), eta), n, budget)
+        out[f"KL-optimal ∝ exp(η·ρ/mean ρ), η={eta:g}"] = kl_deficit_inclusion(a, n, budget, eta / rho.mean())
+    return out
+
+def deficit(a, pi):
+    return float(np.sum(a * (1 - pi)))
+
+def reweighted_var(a, pi):  # inf when a module with a_b > 0 is never drawn: the estimator does not exist
+    live = a > 0
+    return float("inf") if np.any(pi[live] <= 0) else float(np.sum(a[live] * (1 / pi[live] - 1)))
+
+table = [designs(a, sizes, layers, d, etas) for d in deltas]
+D = {k: np.array([deficit(a, t[k]) for t in table]) / a.sum() for k in table[0]}
+for i in range(len(deltas)):   # proofs/10 and the subset argument, on every δ
+    assert D["optimal module-wise"][i] <= D["optimal layer-wise"][i] + 1e-12
+    assert D["optimal layer-wise"][i] <= D[next(k for k in D if k.startswith("uniform"))][i] + 1e-12
+print({k: f"{v[0]:.3g}" for k, v in D.items()})'''),
+    new_code_cell('''FIXED = {"optimal module-wise": ("tab:red", "-", 2.6),
+         "optimal layer-wise": ("tab:orange", "-", 2.6),
+         "HT-variance-optimal module-wise": ("tab:purple", "-", 1.4),
+         "HT-variance-optimal layer-wise": ("tab:purple", "-.", 1.4)}
+
+def style(name, k_paper, k_kl):
+    if name in FIXED:
+        return FIXED[name]
+    if name.startswith("uniform"):
+        return ("0.5", "-", 1.4)
+    if name.startswith("paper"):
+        return (plt.cm.Blues(0.45 + 0.55 * k_paper / max(len(etas) - 1, 1)), "--", 1.2)
+    return (plt.cm.Greens(0.45 + 0.55 * k_kl / max(len(etas) - 1, 1)), ":", 1.6)
+
+def plot_designs(values, deltas, ylabel, title, path, log_y=False):
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    k_paper = k_kl = 0
+    for name, y in values.items():
+        ok = np.isfinite(y)
+        color, ls, lw = style(name, k_paper, k_kl)
+        k_paper += name.startswith("paper")
+        k_kl += name.startswith("KL")
+        if ok.any():
+            (ax.loglog if log_y else ax.semilogx)(deltas[ok], y[ok], ls=ls, color=color, lw=lw, label=name)
     ax.set_xlabel("budget δ (fraction of parameters active)")
-    ax.set_ylabel("E‖ĝ−g‖² / ‖g‖²")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return fig
-plot_variance(rows, deltas, a.sum(), "Llama-3-8B sizes, synthetic norms", FIGDIR / "01_variance_toy.png")'''),
+plot_designs(D, deltas, "deficit E‖g − g_S‖² / ‖g‖²", "what the active set misses (unweighted update)",
+             FIGDIR / "01_deficit_toy.png")
+i = len(deltas) // 2
+print(f"δ = {deltas[i]:.3f}: deficit / optimal module-wise deficit",
+      {k: round(float(v[i] / D["optimal module-wise"][i]), 3) for k, v in D.items()})'''),
+    new_markdown_cell("## The reweighted variant (`reweight=True`)\nWith ĝ_b = 1[b∈S]·g_b/π_b (Horvitz–Thompson) "
+                      "the estimator is unbiased and E‖ĝ−g‖² = Σ_b a_b(1/π_b − 1) (proofs/01); its optimum is "
+                      "π ∝ √(a/n) (proofs/02). This is the account of an update proportional to ĝ, not of the "
+                      "default trainer. The greedy designs leave modules at π = 0, where this variance is infinite "
+                      "(not drawn)."),
+    new_code_cell('''V = {k: np.array([reweighted_var(a, t[k]) for t in table]) / a.sum() for k in table[0]}
+V["HT-variance-optimal layer-wise"] = np.array([reweighted_var(a, optimal_inclusion(
+    a, sizes, np.floor(d * sizes.sum()), groups=layers)) for d in deltas]) / a.sum()
+plot_designs(V, deltas, "E‖ĝ−g‖² / ‖g‖²", "reweighted variant: Horvitz–Thompson variance",
+             FIGDIR / "01_variance_toy.png", log_y=True)'''),
     new_markdown_cell("## Measured norms (from the trainer)\nThe trainer writes `importance.json` into its run "
                       "folder. Point `MISA_IMPORTANCE_JSON` at it (or put it at `notebooks/importance.json`); "
                       "this cell is skipped, saying so, when the file is absent."),
@@ -64,8 +134,13 @@ if path.is_file():
     msizes, mlayers, mnorms, _ = load_norms(path)
     lf = np.bincount(np.unique(mlayers, return_inverse=True)[1], msizes).max() / msizes.sum()
     md = np.geomspace(min(max(lf, 1e-3), 0.9), 0.9, 5 if SMALL else 15)
-    mrows = [variance_table(mnorms, msizes, mlayers, d, etas) for d in md]
-    plot_variance(mrows, md, mnorms.sum(), f"measured norms ({path.name})", FIGDIR / "01_variance_measured.png")
+    mtable = [designs(mnorms, msizes, mlayers, d, etas) for d in md]
+    MD = {k: np.array([deficit(mnorms, t[k]) for t in mtable]) / mnorms.sum() for k in mtable[0]}
+    plot_designs(MD, md, "deficit E‖g − g_S‖² / ‖g‖²", f"measured norms ({path.name}): deficit",
+                 FIGDIR / "01_deficit_measured.png")
+    MV = {k: np.array([reweighted_var(mnorms, t[k]) for t in mtable]) / mnorms.sum() for k in mtable[0]}
+    plot_designs(MV, md, "E‖ĝ−g‖² / ‖g‖²", f"measured norms ({path.name}): reweighted variant",
+                 FIGDIR / "01_variance_measured.png", log_y=True)
 else:
     print(f"no measured norms at {path}: skipping this plot (run the trainer, then set MISA_IMPORTANCE_JSON)")'''),
 ]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,8 +19,16 @@ from nbclient import NotebookClient
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
 
+def _absolute_env_paths() -> None:
+    """Make relative MISA_NB_FIGDIR / MISA_IMPORTANCE_JSON absolute: the kernels run in notebooks/, not here."""
+    for key in ("MISA_NB_FIGDIR", "MISA_IMPORTANCE_JSON"):
+        if os.environ.get(key):
+            os.environ[key] = str(Path(os.environ[key]).resolve())
+
+
 def main(names: list[str]) -> int:
     """Run each named notebook (default: every ``notebooks/0*.ipynb``) in a fresh kernel; print its time."""
+    _absolute_env_paths()
     paths = [NB_DIR / n for n in names] if names else sorted(NB_DIR.glob("0*.ipynb"))
     for path in paths:
         t0 = time.perf_counter()

@@ -22,13 +22,13 @@ def test_parameter_count_llama3_8b():
 def test_layer_saved_hand_computed():
     a = mm.Arch.from_config(TINY)
     T, h, i, hq, hkv, nh = 10, 64, 224, 64, 16, 8
-    frozen_with_grad, out = mm._layer_saved(a, T, True, set(), False, None)
+    frozen_with_grad, out = mm.layer_saved_bytes(a, T, True, set(), False, None)
     want = 2 * (4 * T * h + 4 * T) + 2 * (2 * T * hq) + 2 * (2 * T * hkv) + 4 * T * nh + 3 * 2 * T * i
     assert out and frozen_with_grad == want
-    nothing, out = mm._layer_saved(a, T, False, set(), False, None)
+    nothing, out = mm.layer_saved_bytes(a, T, False, set(), False, None)
     assert nothing == 0 and not out
     # an active down_proj alone (input without grad) saves only its input
-    down, out = mm._layer_saved(a, T, False, {"down_proj"}, False, None)
+    down, out = mm.layer_saved_bytes(a, T, False, {"down_proj"}, False, None)
     assert down == 2 * T * i and out
 
 
@@ -135,7 +135,7 @@ def test_saved_activation_rule_matches_autograd_census(lean):
                     s.add(n)
         x_grad, want = input_grad, 0
         for layer in range(3):
-            b, x_grad = mm._layer_saved(a, S, x_grad, per_layer[layer], norms, None, lean, attn_out_shared=True)
+            b, x_grad = mm.layer_saved_bytes(a, S, x_grad, per_layer[layer], norms, None, lean, attn_out_shared=True)
             want += b
         if x_grad:
             want += (2 if lean else 4) * S * 64 + 4 * S  # final norm: bf16 input (lean) or fp32 copy
@@ -146,19 +146,19 @@ def test_saved_activation_rule_matches_autograd_census(lean):
 def test_lean_ops_hand_computed():
     a = mm.Arch.from_config(TINY)
     T, h, i, hq, hkv, nh = 10, 64, 224, 64, 16, 8
-    lean, out = mm._layer_saved(a, T, True, set(), False, None, True)
+    lean, out = mm.layer_saved_bytes(a, T, True, set(), False, None, True)
     want = 2 * (2 * T * h + 4 * T) + 2 * (2 * T * hq) + 2 * (2 * T * hkv) + 4 * T * nh + 2 * 2 * T * i
     assert out and lean == want
-    stock, _ = mm._layer_saved(a, T, True, set(), False, None)
+    stock, _ = mm.layer_saved_bytes(a, T, True, set(), False, None)
     assert stock - lean == 2 * T * i + 2 * 2 * T * h
     # trainable norm weights, input without grad: the first norm saves its bf16 input + rsqrt (lean) or the
     # bf16 x̂ (HF); the second one, now on the graph, 2·T·h + 4·T (lean) or 4·T·h + 4·T + 2·T·h (HF)
-    lean_n = mm._layer_saved(a, T, False, set(), True, None, True)[0]
-    stock_n = mm._layer_saved(a, T, False, set(), True, None)[0]
+    lean_n = mm.layer_saved_bytes(a, T, False, set(), True, None, True)[0]
+    stock_n = mm.layer_saved_bytes(a, T, False, set(), True, None)[0]
     assert stock_n - lean_n == (2 * T * h - (2 * T * h + 4 * T)) + (6 * T * h - 2 * T * h) + 2 * T * i
     # only u on the graph (the lowest layer's up_proj): g alone is saved, the same as silu(g) in HF
-    assert (mm._layer_saved(a, T, False, {"up_proj"}, False, None, True)
-            == mm._layer_saved(a, T, False, {"up_proj"}, False, None))
+    assert (mm.layer_saved_bytes(a, T, False, {"up_proj"}, False, None, True)
+            == mm.layer_saved_bytes(a, T, False, {"up_proj"}, False, None))
 
 
 def test_lean_ops_prediction_llama3_8b():
@@ -369,8 +369,8 @@ def test_o_proj_input_is_sdpa_output_when_attention_is_on_the_graph():
     a = mm.Arch.from_config(L8B)
     T = 1024
     for x_grad, saving in ((True, 2 * T * a.hq), (False, 0)):
-        copy, _ = mm._layer_saved(a, T, x_grad, {"o_proj"}, False, None, True, attn_out_shared=False)
-        shared, _ = mm._layer_saved(a, T, x_grad, {"o_proj"}, False, None, True, attn_out_shared=True)
+        copy, _ = mm.layer_saved_bytes(a, T, x_grad, {"o_proj"}, False, None, True, attn_out_shared=False)
+        shared, _ = mm.layer_saved_bytes(a, T, x_grad, {"o_proj"}, False, None, True, attn_out_shared=True)
         assert copy - shared == saving
     full = {x: mm.predict_peak(L1B, "full", seq=8192, lean_ops=False, attn_out_shared=x).points["forward_end"]
             for x in (False, True)}
@@ -388,6 +388,6 @@ def test_checkpointed_backward_recomputes_the_layer_it_differentiates():
     pts = {layer: mm.predict_peak(L1B, "badam", seq=T, ckpt=True, lean_ops=False,
                                   active=[(layer, k) for k in mm.KINDS]).points["backward_layers"]
            for layer in (0, top)}
-    active, _ = mm._layer_saved(a, T, True, set(mm.KINDS), False, None, attn_out_shared=True)
-    frozen, _ = mm._layer_saved(a, T, True, set(), False, None, attn_out_shared=True)
+    active, _ = mm.layer_saved_bytes(a, T, True, set(mm.KINDS), False, None, attn_out_shared=True)
+    frozen, _ = mm.layer_saved_bytes(a, T, True, set(), False, None, attn_out_shared=True)
     assert pts[top] - pts[0] >= active - frozen > 0

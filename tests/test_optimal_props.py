@@ -264,3 +264,240 @@ def test_waterfill_spends_the_budget_exactly_over_any_dynamic_range(p: dict, fal
         assert np.ptp(mu) <= 1e-9 * mu.max()
         mu = float(np.median(mu))
         np.testing.assert_allclose(pi, np.clip(mu * r, floor, 1.0), rtol=1e-9, atol=0)
+
+
+# --- the deficit account (unweighted block-Adam): greedy optimum, KL-regularised softmax, orderings ---------
+
+from scipy.optimize import linprog, minimize  # noqa: E402
+
+from misa_theory.optimal import (  # noqa: E402
+    deficit_gap,
+    deficit_optimal_inclusion,
+    kl_deficit_inclusion,
+    optimal_deficit,
+    proportional_inclusion,
+    waterfill,
+)
+from misa_theory.variance import gradient_deficit  # noqa: E402
+
+
+def _linprog_captured(a: np.ndarray, n: np.ndarray, budget: float, floor: float) -> float:
+    """max Σ aπ s.t. Σ nπ ≤ budget, floor ≤ π ≤ 1, by HiGHS: the reference the greedy must match."""
+    res = linprog(-a, A_ub=n[None, :], b_ub=[budget], bounds=[(floor, 1.0)] * a.size, method="highs")
+    assert res.status == 0, res.message
+    return float(-res.fun)
+
+
+def _layer_sums(a: np.ndarray, n: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    _, dense = np.unique(groups, return_inverse=True)
+    return np.bincount(dense, a), np.bincount(dense, n), dense
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["module", "layer"])
+@given(p=problems())
+def test_deficit_optimum_matches_linprog_and_is_greedy(p: dict, layerwise: bool) -> None:
+    """Feasible, spends min(budget, Σn), value equals the LP optimum, and π is bang-bang in the density a/n."""
+    a, n, b, floor = p["a"], p["n"], p["budget"], p["floor"]
+    groups = p["groups"] if layerwise else None
+    pi = deficit_optimal_inclusion(a, n, b, groups=groups, floor=floor)
+    ua, un, dense = _layer_sums(a, n, p["groups"]) if layerwise else (a, n, np.arange(a.size))
+    upi = np.zeros(ua.size)
+    upi[dense] = pi
+    np.testing.assert_array_equal(pi, upi[dense])  # one switch per unit
+    assert np.all(upi >= floor - 1e-12) and np.all(upi <= 1.0)
+    spent = float(upi @ un)
+    assert spent <= b * (1 + 1e-9)
+    assert spent >= min(b, float(un.sum())) * (1 - 1e-9), "the budget must be spent"
+    ref = _linprog_captured(ua, un, b, floor)
+    got = float(ua @ upi)
+    assert math.isclose(got, ref, rel_tol=1e-7, abs_tol=1e-9 * (1 + float(ua.sum())))
+    assert math.isclose(optimal_deficit(a, n, b, groups, floor), float(a.sum()) - got, rel_tol=1e-7,
+                        abs_tol=1e-9 * (1 + float(a.sum())))
+    # KKT of the LP: a unit above the floor never has a lower density than a unit below the cap
+    rho = ua / un
+    above, below = upi > floor + 1e-9, upi < 1 - 1e-9
+    if above.any() and below.any():
+        assert rho[above].min() >= rho[below].max() * (1 - 1e-12)
+
+
+@given(problems(with_floor=False), st.lists(st.floats(1e-3, 1.0), min_size=14, max_size=14))
+def test_deficit_optimum_beats_any_random_feasible_design(p: dict, u: list[float]) -> None:
+    a, n, b = p["a"], p["n"], p["budget"]
+    w = np.array(u[: a.size])
+    pi = np.clip(w * b / float(w @ n), 0.0, 1.0)
+    assert float(pi @ n) <= b * (1 + 1e-9)
+    assert optimal_deficit(a, n, b) <= gradient_deficit(a, pi) + 1e-9 * (1 + float(a.sum()))
+
+
+@given(problems())
+def test_deficit_module_le_layer_le_uniform_at_equal_budget(p: dict) -> None:
+    """D*(module) ≤ D*(layer) ≤ D(uniform layer-wise): each design's feasible set contains the next one's."""
+    a, n, b, groups, floor = p["a"], p["n"], p["budget"], p["groups"], p["floor"]
+    d_mod = optimal_deficit(a, n, b, floor=floor)
+    d_lay = optimal_deficit(a, n, b, groups=groups, floor=floor)
+    d_uni = gradient_deficit(a, np.full(a.size, min(1.0, b / float(n.sum()))))
+    tol = 1e-9 * (1 + float(a.sum()))
+    assert -tol <= d_mod <= d_lay + tol
+    assert d_lay <= d_uni + tol
+    assert math.isclose(deficit_gap(a, n, b, groups, floor), d_lay - d_mod, rel_tol=1e-12, abs_tol=tol)
+
+
+@given(problems(with_floor=False), st.lists(st.floats(1e-3, 1e3), min_size=4, max_size=4))
+def test_deficit_gap_vanishes_when_density_is_constant_within_layers(p: dict, k: list[float]) -> None:
+    n, b, groups = p["n"], p["budget"], p["groups"]
+    a = np.array(k)[groups] * n
+    assert abs(deficit_gap(a, n, b, groups)) <= 1e-9 * (1 + float(a.sum()))
+
+
+def _kl_objective(a: np.ndarray, n: np.ndarray, budget: float, eta: float, pi: np.ndarray) -> float:
+    """F(π) = Σ aπ − (1/η) Σ n[π log(π/δ) − π + δ], δ = budget/Σn, with 0 log 0 = 0."""
+    delta = budget / float(n.sum())
+    x = np.maximum(pi, 0.0)
+    ent = np.where(x > 0, x * np.log(np.where(x > 0, x, 1.0) / delta), 0.0) - x + delta
+    return float(a @ x - (n @ ent) / eta)
+
+
+@st.composite
+def kl_problems(draw: st.DrawFn) -> dict:
+    """Small instances a numerical optimiser solves reliably: η·(a/n) spread within a few dozen."""
+    m = draw(st.integers(2, 6))
+    a = np.array(draw(st.lists(st.one_of(st.just(0.0), st.floats(0.0, 10.0)), min_size=m, max_size=m)))
+    n = np.array(draw(st.lists(st.integers(1, 10), min_size=m, max_size=m)), dtype=float)
+    budget = draw(st.floats(float(n.min()), float(n.sum()) * 0.999))
+    eta = draw(st.floats(0.01, 5.0))
+    return dict(a=a, n=n, budget=budget, eta=eta)
+
+
+@pytest.mark.slow
+@given(kl_problems())
+def test_kl_deficit_inclusion_is_the_maximiser_a_numerical_optimiser_finds(p: dict) -> None:
+    """SLSQP from the uniform design never finds a larger F, and lands on the same π (F is strictly concave)."""
+    a, n, b, eta = p["a"], p["n"], p["budget"], p["eta"]
+    pi = kl_deficit_inclusion(a, n, b, eta)
+    assert float(pi @ n) <= b * (1 + 1e-9) and np.all(pi > 0) and np.all(pi <= 1)
+    x0 = np.full(a.size, min(1.0, b / float(n.sum())))
+    res = minimize(lambda x: -_kl_objective(a, n, b, eta, x), x0, method="SLSQP",
+                   bounds=[(1e-12, 1.0)] * a.size,
+                   constraints=[{"type": "ineq", "fun": lambda x: b - float(n @ x)}],
+                   options={"ftol": 1e-13, "maxiter": 500})
+    f_ours, f_num = _kl_objective(a, n, b, eta, pi), _kl_objective(a, n, b, eta, res.x)
+    scale = 1e-9 * (1 + abs(f_ours) + float(a.sum()))
+    if float(n @ res.x) <= b * (1 + 1e-9):
+        assert f_ours >= f_num - scale
+    assert f_ours <= f_num + 1e-6 * (1 + abs(f_ours)), "the optimiser found a worse point than ours by far"
+    np.testing.assert_allclose(pi, res.x, atol=2e-3)
+
+
+@given(problems(with_floor=False), st.floats(1e-3, 50.0))
+def test_kl_deficit_inclusion_satisfies_kkt(p: dict, eta: float) -> None:
+    """π = min(1, c·e^{η a/n}) with one c, budget spent; layer-wise: the same over (A_l, N_l)."""
+    a, n, b, groups = p["a"], p["n"], p["budget"], p["groups"]
+    for g in (None, groups):
+        pi = kl_deficit_inclusion(a, n, b, eta, groups=g)
+        ua, un, dense = _layer_sums(a, n, groups) if g is not None else (a, n, np.arange(a.size))
+        upi = np.zeros(ua.size)
+        upi[dense] = pi
+        if un.sum() <= b:
+            np.testing.assert_array_equal(upi, 1.0)
+            continue
+        assert math.isclose(float(upi @ un), b, rel_tol=1e-9)
+        z = eta * (ua / un - (ua / un).max())
+        inside = (upi < 1 - 1e-12) & (upi > 1e-290)  # subnormal π carry too few digits for log π
+        if inside.any():
+            log_c = np.log(upi[inside]) - z[inside]
+            assert np.ptp(log_c) <= 1e-7 * (1 + np.abs(log_c).max())
+            capped = upi >= 1 - 1e-12
+            assert np.all(z[capped] + log_c.max() >= -1e-7), "a capped unit must have c·e^{ηρ} ≥ 1"
+
+
+@given(kl_problems(), st.lists(st.floats(1e-3, 1.0), min_size=6, max_size=6))
+def test_kl_deficit_inclusion_beats_any_random_feasible_design(p: dict, u: list[float]) -> None:
+    a, n, b, eta = p["a"], p["n"], p["budget"], p["eta"]
+    w = np.array(u[: a.size])
+    rand = np.clip(w * b / float(w @ n), 0.0, 1.0)
+    f_ours = _kl_objective(a, n, b, eta, kl_deficit_inclusion(a, n, b, eta))
+    assert f_ours >= _kl_objective(a, n, b, eta, rand) - 1e-9 * (1 + abs(f_ours))
+
+
+@given(kl_problems())
+def test_kl_module_optimum_ge_layer_optimum(p: dict) -> None:
+    """The layer-wise maximiser is a module-wise design, so it cannot beat the module-wise maximiser."""
+    a, n, b, eta = p["a"], p["n"], p["budget"], p["eta"]
+    groups = np.arange(a.size) // 2
+    f_mod = _kl_objective(a, n, b, eta, kl_deficit_inclusion(a, n, b, eta))
+    f_lay = _kl_objective(a, n, b, eta, kl_deficit_inclusion(a, n, b, eta, groups=groups))
+    assert f_mod >= f_lay - 1e-9 * (1 + abs(f_mod))
+
+
+@pytest.mark.slow
+@given(problems(with_floor=False))
+def test_kl_deficit_inclusion_approaches_greedy_at_the_proved_rate(p: dict) -> None:
+    """D(π_η) is non-increasing in η, D(π_η) − D* ≤ budget·log(1/δ)/η, and η = ∞ is the greedy optimum."""
+    a, n, b, groups = p["a"], p["n"], p["budget"], p["groups"]
+    for g in (None, groups):
+        d_star = optimal_deficit(a, n, b, groups=g)
+        np.testing.assert_allclose(kl_deficit_inclusion(a, n, b, math.inf, groups=g),
+                                   deficit_optimal_inclusion(a, n, b, groups=g), rtol=0, atol=0)
+        un = float(n.sum())
+        if un <= b:
+            continue
+        bound = b * math.log(un / b)
+        scale = 1e-9 * (1 + float(a.sum()))
+        previous = math.inf
+        top = float((a / n).max())
+        for eta in np.geomspace(1e-3, 1e9, 13) / (top if top > 0 else 1.0):
+            d = gradient_deficit(a, kl_deficit_inclusion(a, n, b, float(eta), groups=g))
+            assert d_star - scale <= d <= d_star + bound / eta + scale * 1e3
+            assert d <= previous + scale * 1e3
+            previous = d
+
+
+@given(kl_problems())
+def test_equal_sizes_give_the_papers_softmax_made_into_inclusion(p: dict) -> None:
+    """n_b ≡ n: π = min(1, κ·softmax((η/n)·a)), i.e. proportional_inclusion of the paper's softmax."""
+    a, eta = p["a"], p["eta"]
+    size = float(p["n"][0])
+    n = np.full(a.size, size)
+    b = min(p["budget"], size * a.size * 0.999)
+    if b < size:
+        return
+    np.testing.assert_allclose(kl_deficit_inclusion(a, n, b, eta),
+                               proportional_inclusion(kl_softmax(a, eta / size), n, b), rtol=1e-9, atol=1e-12)
+
+
+@given(problems(with_floor=False), st.floats(1e-3, 30.0))
+def test_kl_deficit_inclusion_agrees_with_waterfill_where_rates_are_representable(p: dict, eta: float) -> None:
+    """The log-space solver against the water-filling specification on rates e^{η(ρ − max ρ)} above 1e-250."""
+    a, n, b = p["a"], p["n"], p["budget"]
+    density = a / n
+    if density.max() == 0:
+        return
+    eta = eta / density.max()
+    rates = np.exp(eta * (density - density.max()))
+    if rates.min() < 1e-250:
+        return
+    np.testing.assert_allclose(kl_deficit_inclusion(a, n, b, eta), waterfill(rates, n, b), rtol=1e-9, atol=1e-12)
+
+
+def test_kl_deficit_inclusion_limits_on_a_fixed_instance() -> None:
+    """η = 0 is the uniform design δ; a huge η and η = ∞ are the greedy (1, 1/4, 1, 0) of a = (5, 1, 3, 0)."""
+    a, n, b = np.array([5.0, 1.0, 3.0, 0.0]), np.array([1.0, 2.0, 1.0, 1.0]), 2.5
+    np.testing.assert_allclose(kl_deficit_inclusion(a, n, b, 0.0), 0.5)
+    greedy = np.array([1.0, 0.25, 1.0, 0.0])
+    np.testing.assert_array_equal(deficit_optimal_inclusion(a, n, b), greedy)
+    for eta in (1e6, 1e300, math.inf):
+        np.testing.assert_allclose(kl_deficit_inclusion(a, n, b, eta), greedy, atol=1e-12)
+
+
+@pytest.mark.parametrize(("kwargs", "name"), BAD)
+@pytest.mark.parametrize("fn", [deficit_optimal_inclusion, optimal_deficit])
+def test_deficit_bad_input_raises_value_error_naming_the_argument(fn: object, kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        fn(**kwargs)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(("kwargs", "name"), BAD + [(dict(sq_norms=[1.0], sizes=[1], budget=1, eta=-1.0), "eta"),
+                                                   (dict(sq_norms=[1.0], sizes=[1], budget=1, eta=math.nan), "eta")])
+def test_kl_deficit_bad_input_raises_value_error_naming_the_argument(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        kl_deficit_inclusion(**{"eta": 1.0, **kwargs})

@@ -14,6 +14,7 @@ from misa_theory.variance import (
     captured_gradient,
     gradient_deficit,
     monte_carlo,
+    reweighted_variance,
     sampled_gradient_variance,
 )
 
@@ -129,7 +130,7 @@ def test_monte_carlo_from_sampler_draws_matches_closed_forms(case: tuple[ModuleS
         (dict(sq_norms=[], inclusion=[]), "sq_norms"),
         (dict(sq_norms=[[1.0]], inclusion=[0.5]), "sq_norms"),
         (dict(sq_norms=[1.0, 2.0], inclusion=[0.5]), "inclusion"),
-        (dict(sq_norms=[1.0, 2.0], inclusion=[0.5, 0.0]), "inclusion"),
+        (dict(sq_norms=[1.0, 2.0], inclusion=[0.5, -0.25]), "inclusion"),  # π = 0: see the test below
         (dict(sq_norms=[1.0, 2.0], inclusion=[0.5, 1.5]), "inclusion"),
         (dict(sq_norms=[1.0, 2.0], inclusion=[0.5, float("nan")]), "inclusion"),
         (dict(sq_norms=[1.0, 2.0], inclusion=[0.5, 0.5], groups=[0]), "groups"),
@@ -155,3 +156,47 @@ def test_bad_input_raises_value_error_naming_the_argument(fn: object, kwargs: di
 def test_monte_carlo_bad_input(a: list, masks: np.ndarray, pi: list, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         monte_carlo(a, masks, pi)
+
+
+@st.composite
+def joint_laws(draw: st.DrawFn) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Gradient blocks g_b of random dimensions and an arbitrary law over all 2^M subsets (M ≤ 5)."""
+    m = draw(st.integers(1, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    blocks = [rng.normal(size=draw(st.integers(1, 4))) * draw(st.floats(0.0, 10.0)) for _ in range(m)]
+    subsets = np.array([[(k >> b) & 1 for b in range(m)] for k in range(2**m)], dtype=bool)
+    weights = np.array(draw(st.lists(st.floats(0.0, 1.0), min_size=2**m, max_size=2**m))) + 1e-9
+    return blocks, subsets, weights / weights.sum()
+
+
+@given(joint_laws())
+def test_deficit_and_captured_are_expectations_of_the_masked_gradient_under_any_joint_law(
+    case: tuple[list[np.ndarray], np.ndarray, np.ndarray],
+) -> None:
+    """Σ_S P(S)·‖g − g_S‖² = Σ_b (1 − π_b) a_b and Σ_S P(S)·⟨g, g_S⟩ = Σ_b π_b a_b, by exact enumeration."""
+    blocks, subsets, law = case
+    g = np.concatenate(blocks)
+    owner = np.concatenate([np.full(x.size, b) for b, x in enumerate(blocks)])
+    a = np.array([float(x @ x) for x in blocks])
+    pi = np.minimum(law @ subsets, 1.0)
+    miss = sum(p * float(np.sum(np.where(s[owner], 0.0, g) ** 2)) for s, p in zip(subsets, law, strict=True))
+    reach = sum(p * float(g @ np.where(s[owner], g, 0.0)) for s, p in zip(subsets, law, strict=True))
+    scale = 1e-9 * (1 + float(a.sum()))
+    assert math.isclose(gradient_deficit(a, pi), miss, rel_tol=1e-9, abs_tol=scale)
+    assert math.isclose(captured_gradient(a, pi), reach, rel_tol=1e-9, abs_tol=scale)
+
+
+def test_deficit_and_captured_allow_a_module_never_drawn_but_the_reweighted_variance_does_not() -> None:
+    a, pi = [4.0, 1.0], [0.0, 1.0]
+    assert gradient_deficit(a, pi) == 4.0 and captured_gradient(a, pi) == 1.0
+    assert gradient_deficit(a, [0.0], groups=[7, 7]) == 5.0
+    with pytest.raises(ValueError, match="inclusion"):
+        reweighted_variance(a, pi)
+    with pytest.raises(ValueError, match="inclusion"):
+        gradient_deficit(a, [-0.1, 1.0])
+
+
+def test_sampled_gradient_variance_is_the_reweighted_variance() -> None:
+    """The old name stays importable and is the same function."""
+    assert sampled_gradient_variance is reweighted_variance
+    assert reweighted_variance([3.0, 1.0], [0.5, 1.0]) == 3.0
