@@ -36,13 +36,14 @@ CKPT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to disk (before a rename makes it visible under its final name)."""
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    # directory fsync makes the rename itself durable; not supported on every platform/filesystem
+def fsync_dir(path: Path) -> None:
+    """Make renames inside folder ``path`` durable; a no-op where the platform cannot fsync a folder."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -117,8 +118,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Mo
         with open(tmp / "meta.json", "w") as fh:
             json.dump({"step": int(step), "adapter_only": adapter_only, **meta}, fh, indent=2, default=str)
         for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
+            fsync_file(f)
+        fsync_dir(tmp)
         if _before_commit is not None:
             _before_commit(tmp)
         final = root / name
@@ -127,7 +128,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Mo
             os.replace(final, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

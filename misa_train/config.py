@@ -198,7 +198,7 @@ def _range(cfg: TrainConfig, name: str, lo: float | None = None, hi: float | Non
         raise ConfigError(f"{name}: must lie in {interval}, got {v}")
 
 
-def _kind(f: dataclasses.Field) -> str:
+def field_kind(f: dataclasses.Field) -> str:
     """Scalar kind of a field from its default: 'bool', 'int', 'float', 'str', 'optstr', 'pair'."""
     if f.name == "betas":
         return "pair"
@@ -213,7 +213,7 @@ def coerce(name: str, value: Any) -> Any:
 
     YAML 1.1 reads '1e-4' as a string, so numeric strings are accepted for numeric fields."""
     f = FIELDS[name]
-    kind = _kind(f)
+    kind = field_kind(f)
     try:
         if kind == "bool":
             if isinstance(value, bool):
