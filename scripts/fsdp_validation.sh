@@ -16,7 +16,7 @@ case "${1:-}" in
     python3 - <<'PY'
 import random, torch
 from transformers import AutoModelForCausalLM, LlamaConfig
-from misa_train.bench_grid import ARCHS
+from benchmarks.bench_grid import ARCHS
 from misa_train.models import tiny_tokenizer
 torch.manual_seed(0)
 with torch.device("cuda"):
