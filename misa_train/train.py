@@ -128,6 +128,7 @@ class _SignalStop:
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:
+    """The model's longest sequence from its config (``max_position_embeddings`` or ``n_positions``), or None."""
     c = getattr(model, "config", None)
     for key in ("max_position_embeddings", "n_positions"):
         v = getattr(c, key, None)
