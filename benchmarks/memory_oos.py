@@ -2,7 +2,7 @@
 
 The in-sample residuals (benchmarks/memory_residuals.py) are taken on the rows the model was built against.
 This script holds rows of two architectures never measured while it was written (``llama3.2-3b``,
-``llama2-7b`` in misa_train/bench_grid.py):
+``llama2-7b`` in benchmarks/bench_grid.py):
 
     python benchmarks/memory_oos.py predict --out docs/results/memory_oos_predicted.json   # before measuring
     python benchmarks/memory_oos.py compare --predicted docs/results/memory_oos_predicted.json BENCH.json ...
@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from misa_theory import memory as mm  # noqa: E402
-from misa_train.bench_grid import ARCHS, METHODS, predict_kwargs  # noqa: E402  (torch-free)
+from benchmarks.bench_grid import ARCHS, METHODS, predict_kwargs  # noqa: E402  (torch-free)
 
-#: (model, bench method, seq, ckpt) of the held-out rows, as misa_train.bench names them.
+#: (model, bench method, seq, ckpt) of the held-out rows, as benchmarks/bench_gpu.py names them.
 ROWS: list[tuple[str, str, int, bool]] = [
     *[("llama3.2-3b", m, 2048, False) for m in ("full", "lora", "lisa", "badam", "misa1", "misa3")],
     *[("llama2-7b", m, 4096, True) for m in ("lora", "badam", "misa1", "misa3")],

@@ -1,7 +1,7 @@
 """Residuals of the peak-memory model against the committed GPU measurements, and (on a GPU) where they come from.
 
 Default (no torch, no GPU): recompute ``misa_theory.memory.predict_peak`` for every measured row of the bench
-outputs in docs/results (the draws each row recorded, max over draws, exactly as misa_train.bench does) and
+outputs in docs/results (the draws each row recorded, max over draws, as benchmarks/bench_gpu.py does) and
 print, per row, the measured peak, the prediction recorded at measurement time and the prediction of the
 model as it is now, then max |err| per method. Exit status 1 when a row is off by more than ``--tol`` %.
 
@@ -30,8 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from benchmarks.bench_grid import ARCHS, METHODS, predict_kwargs  # noqa: E402  (torch-free)
 from misa_theory import memory as mm  # noqa: E402
-from misa_train.bench_grid import ARCHS, METHODS, predict_kwargs  # noqa: E402  (torch-free)
 
 FILES = ("bench_8b.json", "bench_1b.json", "bench_8b_misa1_long.json", "lean_on_1024.json", "lean_off_1024.json",
          "lean_on_8192.json", "lean_off_8192.json",
@@ -49,7 +49,7 @@ def _kw(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def predict_row(row: dict[str, Any]) -> mm.Estimate:
-    """The model's estimate for a bench row: max over the draws it recorded (misa_train.bench._predict)."""
+    """The model's estimate for a bench row: max over the draws it recorded (benchmarks/bench_gpu.py)."""
     method, kw = _kw(row)
     draws = row.get("draws") or [None]
     ests = [mm.predict_peak(ARCHS[row["model"]], method, active=None if d is None else [tuple(x) for x in d], **kw)
@@ -103,13 +103,13 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 def measure(spec: str, *, steps: int = 3, inplace_head_grad: bool = True, lean: bool = False) -> dict[str, Any]:
     """Peak of each point of a training step on the current CUDA device, next to the model's points.
 
-    ``spec``: ``model:method:seq:ckpt`` (ckpt on|off), names as in misa_train.bench. Peaks are the max over
+    ``spec``: ``model:method:seq:ckpt`` (ckpt on|off), names as in benchmarks/bench_gpu.py. Peaks are the max over
     ``steps`` steps (period 2, as the bench) of ``max_memory_allocated`` between two boundaries.
     """
     import torch
 
+    from benchmarks.bench_gpu import build_model
     from misa_train import lean_ops, losses
-    from misa_train.bench import _build
     from misa_train.config import TrainConfig
     from misa_train.losses import model_loss
     from misa_train.methods import build_method
@@ -137,7 +137,7 @@ def measure(spec: str, *, steps: int = 3, inplace_head_grad: bool = True, lean: 
 
     torch.cuda.empty_cache()
     try:
-        model = _build({**arch, "rope_theta": 500000.0, "max_position_embeddings": max(8192, seq)}, dev,
+        model = build_model({**arch, "rope_theta": 500000.0, "max_position_embeddings": max(8192, seq)}, dev,
                        torch.bfloat16)
         modules = find_modules(model)
         lean_on = lean and lean_ops.patch_model(model) > 0

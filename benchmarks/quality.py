@@ -240,7 +240,8 @@ def cmd_job(a: argparse.Namespace) -> None:
 
     # run() imports these names at call time, so the wrappers are what it uses
     methods.build_method, models.load_model, data.prepare_data = build_method, load_model, prepare_data
-    cfg = load_config(None, spec["overrides"])
+    # every job is a fresh run: a folder left by a failed attempt (re-run with --only) is replaced
+    cfg = load_config(None, {**spec["overrides"], "overwrite": True})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()

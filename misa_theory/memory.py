@@ -2,7 +2,7 @@ r"""Predicted peak GPU memory of one training step of a Llama-style decoder, per
 
 Pure Python (no torch): the numbers are an account of what PyTorch's autograd and the MISA trainer
 (misa_train.methods / optim.ActiveAdamW / losses.chunked_causal_lm_loss) keep alive, so the prediction can
-be checked on paper and compared with ``torch.cuda.max_memory_allocated`` (see misa_train.bench and
+be checked on paper and compared with ``torch.cuda.max_memory_allocated`` (see benchmarks/bench_gpu.py and
 docs/results.md for the residuals). All sizes are bytes; ``T = batch · seq`` tokens.
 
 Notation: hidden h, MLP width i, query width h_q = n_heads · d, key/value width h_kv = n_kv_heads · d

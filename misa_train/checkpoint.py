@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,14 @@ CKPT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to disk (before a rename makes it visible under its final name)."""
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    # directory fsync makes the rename itself durable; not supported on every platform/filesystem
+def fsync_dir(path: Path) -> None:
+    """Make renames inside folder ``path`` durable; a no-op where the platform cannot fsync a folder."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -117,8 +119,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Mo
         with open(tmp / "meta.json", "w") as fh:
             json.dump({"step": int(step), "adapter_only": adapter_only, **meta}, fh, indent=2, default=str)
         for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
+            fsync_file(f)
+        fsync_dir(tmp)
         if _before_commit is not None:
             _before_commit(tmp)
         final = root / name
@@ -127,7 +129,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Mo
             os.replace(final, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -152,10 +154,83 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def resolve_checkpoint(spec: str | os.PathLike) -> Path | None:
     """A checkpoint folder from a checkpoint folder or a run folder (its latest checkpoint); None if none."""
     p = Path(spec).expanduser()
-    if (p / "meta.json").is_file() and _STEP_RE.match(p.name):
+    if is_checkpoint_dir(p):
         return p
     found = list_checkpoints(p)
     return found[-1] if found else None
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a checkpoint folder (``step-NNNNNNN`` with a meta.json), not a run folder."""
+    p = Path(path)
+    return bool(_STEP_RE.match(p.name)) and (p / "meta.json").is_file()
+
+
+def newest_valid_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest checkpoint of a run folder that passes :func:`checkpoint_problem`, the newer ones it skipped
+    with their problem). A crash, a full disk or a copy cut short can leave a damaged latest checkpoint
+    (one not written by :func:`save_checkpoint`'s atomic rename); resuming then falls back to an older one."""
+    skipped: list[tuple[Path, str]] = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt, skipped
+        skipped.append((ckpt, problem))
+    return None, skipped
+
+
+def checkpoint_problem(ckpt: str | os.PathLike) -> str | None:
+    """Why checkpoint folder ``ckpt`` cannot be resumed, in a few words, or None when it looks complete.
+
+    Checks structure, not every byte: meta.json parses and names the folder's step; method.pt and trainer.pt
+    are whole zip archives (torch.save's format; a truncated one has no central directory); the weights
+    are a safetensors file whose size matches its header, or (multi-process) a DCP folder with metadata."""
+    ckpt = Path(ckpt)
+    try:
+        meta = read_meta(ckpt)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        return f"meta.json unreadable ({_first_line(e)})"
+    m = _STEP_RE.match(ckpt.name)
+    if not isinstance(meta, dict) or (m is not None and meta.get("step") != int(m.group(1))):
+        return "meta.json does not describe this step"
+    for name in ("method.pt", "trainer.pt"):
+        try:
+            with zipfile.ZipFile(ckpt / name):
+                pass
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"{name} damaged ({_first_line(e)})"
+    if (ckpt / "dcp").is_dir():
+        return None if (ckpt / "dcp" / ".metadata").is_file() else "dcp/.metadata missing"
+    return safetensors_problem(ckpt / "weights.safetensors")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (8-byte header length, JSON header, then exactly the
+    tensor bytes its offsets name), or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return f"{path.name} damaged (header runs past the end of the file)"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as e:
+        return f"{path.name} damaged ({_first_line(e)})"
+    ends = [int(v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    if 8 + n + max(ends, default=0) != size:
+        return f"{path.name} damaged ({size} bytes, its header describes {8 + n + max(ends, default=0)})"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def remove_checkpoints(run_dir: str | os.PathLike) -> None:
+    """Delete a run folder's ``checkpoints/`` (its complete and its half-written checkpoints)."""
+    shutil.rmtree(Path(run_dir) / CKPT_DIR, ignore_errors=True)
 
 
 def run_dir_of(ckpt: Path) -> Path:

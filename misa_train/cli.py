@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from misa_train.config import FIELDS, ConfigError, _kind, load_config
+from misa_train.config import FIELDS, ConfigError, field_kind, load_config
 
 PROG = "misa_train"
 
@@ -57,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(full AdamW, LoRA, LISA, BAdam). Values come from the defaults, then --config, then these options.",
         epilog="Exit codes: 0 done (also after a clean stop on SIGINT/SIGTERM with a checkpoint saved), "
         "1 runtime failure (e.g. non-finite loss with --on-nan stop), 2 bad input. "
-        "Benchmarks: python -m misa_train.bench (separate entry point).",
+        "Benchmarks: python benchmarks/bench_gpu.py (separate entry point).",
     )
     p.add_argument("--config", metavar="FILE", default=None, help="YAML or JSON file of field: value pairs")
     for name, f in FIELDS.items():
-        kind = _kind(f)
+        kind = field_kind(f)
         flag = "--" + name.replace("_", "-")
         # argparse %-formats help strings, so a literal "10%" must be doubled
         help_text = f"{f.metadata.get('help', '')} (default: {_default_text(f)})".replace("%", "%%")

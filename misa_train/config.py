@@ -103,6 +103,8 @@ class TrainConfig:
     keep_last: int = _f(2, "checkpoints kept in the run folder (older ones deleted)")
     output_dir: str = _f("", "run folder; empty = runs/<timestamp>-<method>")
     resume: str | None = _f(None, "continue from a run or checkpoint folder; auto = latest in output_dir")
+    overwrite: bool = _f(False, "start afresh in an output_dir that holds another run, deleting that run's "
+                                "checkpoints and files (without it such a folder is refused)")
     on_nan: str = _f("skip", "non-finite loss: skip the step, or stop the run", choices=ON_NAN)
     val_fraction: float = _f(0.1, "held-out fraction of a data file, in [0, 1)")
     n_train: int = _f(320, "training examples generated for the embedded data set")
@@ -154,6 +156,8 @@ class TrainConfig:
             raise ConfigError(f"data: file does not exist: {self.data}")
         if self.resume not in (None, "auto") and not Path(self.resume).expanduser().exists():
             raise ConfigError(f"resume: folder does not exist: {self.resume}")
+        if self.overwrite and self.resume is not None:
+            raise ConfigError("overwrite: replaces the run in output_dir, so it cannot be combined with resume")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,9 +173,9 @@ class TrainConfig:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Fields a resumed run must share with the run that wrote the checkpoint: changing any of them changes
-# which parameters exist or what the saved optimizer/sampler state means.
+# which parameters exist or what the saved optimizer/sampler/data state means (the seed picks the data split).
 RESUME_LOCKED = ("model", "method", "task", "rule", "delta", "lisa_layers", "badam_layers", "lora_r",
-                 "train_embeddings", "train_head", "train_norms")
+                 "train_embeddings", "train_head", "train_norms", "seed")
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -198,7 +202,7 @@ def _range(cfg: TrainConfig, name: str, lo: float | None = None, hi: float | Non
         raise ConfigError(f"{name}: must lie in {interval}, got {v}")
 
 
-def _kind(f: dataclasses.Field) -> str:
+def field_kind(f: dataclasses.Field) -> str:
     """Scalar kind of a field from its default: 'bool', 'int', 'float', 'str', 'optstr', 'pair'."""
     if f.name == "betas":
         return "pair"
@@ -213,7 +217,7 @@ def coerce(name: str, value: Any) -> Any:
 
     YAML 1.1 reads '1e-4' as a string, so numeric strings are accepted for numeric fields."""
     f = FIELDS[name]
-    kind = _kind(f)
+    kind = field_kind(f)
     try:
         if kind == "bool":
             if isinstance(value, bool):
@@ -282,7 +286,12 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"config: file does not exist: {path}")
-    text = p.read_text()
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {path} is not a text file (expected YAML or JSON)") from None
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e.strerror or e}") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from misa_train.checkpoint import CKPT_DIR, _fsync_dir, _fsync_file, list_checkpoints
+from misa_train.checkpoint import CKPT_DIR, fsync_dir, fsync_file, list_checkpoints
 from misa_train.config import ConfigError
 
 DCP_DIR = "dcp"  # a checkpoint folder holding this sub-folder was written by a multi-process run
@@ -256,15 +256,15 @@ class Dist:
                            "world_size": self.world}, fh, indent=2, default=str)
             for f in tmp.rglob("*"):
                 if f.is_file():
-                    _fsync_file(f)
-            _fsync_dir(tmp / DCP_DIR)
-            _fsync_dir(tmp)
+                    fsync_file(f)
+            fsync_dir(tmp / DCP_DIR)
+            fsync_dir(tmp)
             if final.exists():
                 old = root / f".tmp-old-{name}"
                 os.replace(final, old)
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()  # no rank runs ahead (and maybe saves again) before the folder is in place
@@ -280,17 +280,18 @@ class Dist:
         ckpt = Path(ckpt)
         rest = torch.load(ckpt / "method.pt", map_location="cpu", weights_only=False)
         trainer_state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
-        params = method.optimizer._params
         # DCP loads in place, so every saved moment/master needs a tensor of this run's layout to land in
         targets: dict[str, dict[str, torch.Tensor]] = {}
         opt = rest["optimizer"]
         for section in ("state", "retained"):
             for n, st in opt.get(section, {}).items():
-                if n not in params:
+                try:
+                    p = method.optimizer.param(n)
+                except KeyError:
                     raise DistributedError(f"resume: checkpoint {ckpt} has optimizer state for unknown "
-                                           f"parameter {n}")
+                                           f"parameter {n}") from None
                 keys = st.get("_tensor_keys", [])
-                targets[f"{section}/{n}"] = {k: torch.zeros_like(params[n], dtype=torch.float32) for k in keys}
+                targets[f"{section}/{n}"] = {k: torch.zeros_like(p, dtype=torch.float32) for k in keys}
         try:
             dcp.load({"model": model.state_dict(), "optim": targets}, checkpoint_id=str(ckpt / DCP_DIR))
         except Exception as e:  # noqa: BLE001 - any mismatch is a checkpoint this run cannot continue

@@ -267,7 +267,7 @@ def patch_model(model: nn.Module, *, rows_hint: int = _MAX_WARM_ROWS, strict: bo
     by either). Compilation and the checks (see :func:`warm_up`) happen first, on the device and dtype of
     the matched modules' parameters; on failure ConfigError is raised and nothing is patched. ``report``,
     if given, is filled with :func:`warm_up`'s report."""
-    targets = lean_ops._targets(model)
+    targets = lean_ops.patch_targets(model)
     if not targets:
         return 0
     groups: dict[tuple[torch.device, torch.dtype], dict[str, int]] = {}
@@ -289,4 +289,4 @@ def patch_model(model: nn.Module, *, rows_hint: int = _MAX_WARM_ROWS, strict: bo
         merged["lean"] = merged["lean"] and r["lean"]
     if report is not None:
         report.update(merged)
-    return lean_ops._patch_with(model, _mlp_forward, _norm_forward, "compiled")
+    return lean_ops.patch_with(model, _mlp_forward, _norm_forward, "compiled")

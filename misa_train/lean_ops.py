@@ -211,10 +211,10 @@ def patch_model(model: nn.Module) -> int:
     (Gemma's GELU MLP and 1 + w norm, GPT-2, other classes) is left alone. Idempotent: modules patched
     before are not counted again. Only the instance's ``forward`` changes (``types.MethodType``).
     """
-    return _patch_with(model, _lean_mlp_forward, _lean_norm_forward, "eager")
+    return patch_with(model, _lean_mlp_forward, _lean_norm_forward, "eager")
 
 
-def _targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
+def patch_targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """Not yet patched modules that :func:`patch_model` would patch, as (module, "mlp" | "norm")."""
     silu, norms = _silu_classes(), _norm_classes()
     out: list[tuple[nn.Module, str]] = []
@@ -228,9 +228,9 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return out
 
 
-def _patch_with(model: nn.Module, mlp_forward: Any, norm_forward: Any, variant: str) -> int:
-    """Patch :func:`_targets` with these forwards; the mark records ``variant`` (see :func:`patched_variant`)."""
-    targets = _targets(model)
+def patch_with(model: nn.Module, mlp_forward: Any, norm_forward: Any, variant: str) -> int:
+    """Patch :func:`patch_targets` with these forwards; the mark records ``variant`` (see :func:`patched_variant`)."""
+    targets = patch_targets(model)
     for m, kind in targets:
         m.forward = types.MethodType(mlp_forward if kind == "mlp" else norm_forward, m)
         setattr(m, _MARK, variant)

@@ -241,7 +241,7 @@ class Method:
             trainable = active
         else:
             trainable = (sum(m.size for m in self.modules)
-                         + sum(self.optimizer._params[n].numel() for n in self._always_on))
+                         + sum(self.optimizer.param(n).numel() for n in self._always_on))
         return {
             "active_params": int(active),
             "active_module_params": int(sum(self.modules[i].size for i in self._active))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -134,7 +135,7 @@ def load_model(
     spec: None (embedded SmolLM2-135M-Instruct, 134.5M parameters, 30 layers), a local folder, a ``.gguf``
     file, or a hub id already in the local HF cache. dtype: parameter dtype (float32 or bfloat16).
     The tokenizer always has a pad token (eos if it had none). Raises ``ValueError`` (one line) when the
-    model cannot be found locally.
+    model cannot be found locally, or a local folder cannot be loaded (naming a corrupt config.json).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -152,6 +153,14 @@ def load_model(
         if not path.is_file():
             raise ValueError(f"model '{spec}' not found locally (no internet here): no such GGUF file")
         model, tok = _load_gguf(path, dtype)
+    elif Path(spec).expanduser().is_dir():
+        folder = Path(spec).expanduser()
+        check_config_json(folder)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load the model folder {spec}: {_first_line(e)}") from None
     else:
         try:
             tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
@@ -163,6 +172,26 @@ def load_model(
             ) from None
     model.to(device)
     return model, _finish_tokenizer(tok)
+
+
+def check_config_json(folder: Path) -> None:
+    """Raise ValueError naming ``folder``/config.json when it is missing or not a JSON object.
+
+    transformers reports a damaged config.json like an absent model; the user needs to hear which file is bad."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{folder} is not a model folder: it has no config.json")
+    try:
+        cfg = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path} is corrupt: {_first_line(e)}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} is corrupt: expected a JSON object, got {type(cfg).__name__}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def tiny_tokenizer(chat_template: bool = True):

@@ -89,6 +89,13 @@ class ActiveAdamW:
         """The active parameters, in activation order."""
         return [self._params[n] for n in self.state]
 
+    def param(self, name: str) -> torch.nn.Parameter:
+        """The parameter registered as ``name`` (KeyError naming it if it was not given to the constructor)."""
+        try:
+            return self._params[name]
+        except KeyError:
+            raise KeyError(f"unknown parameter name {name!r}") from None
+
     def name_of(self, p: torch.nn.Parameter) -> str:
         """Registered name of parameter ``p`` (KeyError if it was not given to the constructor)."""
         try:

@@ -24,6 +24,20 @@ from typing import Any
 
 import numpy as np
 
+#: What a run writes at the top of its folder (checkpoints/ aside): a folder holding any of them holds a run.
+RUN_FILES = ("config.json", "metrics.jsonl", "importance.json", "summary.json", "loss.png", "active.png")
+
+
+def run_files(run_dir: str | os.PathLike) -> list[str]:
+    """The :data:`RUN_FILES` present in ``run_dir``."""
+    return [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+
+
+def remove_run_files(run_dir: str | os.PathLike) -> None:
+    """Delete the :data:`RUN_FILES` of an earlier run in ``run_dir`` (nothing else in the folder)."""
+    for name in run_files(run_dir):
+        (Path(run_dir) / name).unlink()
+
 
 def default_run_dir(method: str, root: str | os.PathLike = "runs") -> Path:
     """``runs/<YYYYmmdd-HHMMSS>-<method>``; a suffix avoids clobbering a run of the same second."""
@@ -96,12 +110,22 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(path: str | os.PathLike, step: int) -> None:
-    """Drop events after ``step`` (written by an interrupted run past its last checkpoint) before resuming,
-    so the resumed run does not log those steps twice."""
+    """Cut metrics.jsonl back to the moment checkpoint ``step`` was written, atomically, before resuming.
+
+    Everything after the last ``checkpoint`` event of ``step`` belongs to the stretch the resumed run repeats
+    (including events logged at ``step`` itself once the checkpoint was taken, such as the next period's
+    draw), so the resumed run logs each step once. Without that event (the process died between the commit
+    and the log line, or the checkpoint came from elsewhere) events after ``step`` and end/stop are dropped.
+    """
     p = Path(path)
     if not p.exists():
         return
-    keep = [e for e in read_metrics(p) if e.get("step", 0) <= step and e.get("event") not in ("end", "stop")]
+    events = read_metrics(p)
+    marks = [i for i, e in enumerate(events) if e.get("event") == "checkpoint" and e.get("step") == step]
+    if marks:
+        keep = events[: marks[-1] + 1]
+    else:
+        keep = [e for e in events if e.get("step", 0) <= step and e.get("event") not in ("end", "stop")]
     tmp = p.with_name(f".{p.name}.tmp")
     with open(tmp, "w") as fh:
         for e in keep:

@@ -1,7 +1,12 @@
 """The training loop: one function, ``run(cfg) -> summary``, the same for every method.
 
-Read top to bottom it is: resolve the run (fresh or resumed) -> seed -> model + modules -> method ->
-data -> (restore checkpoint) -> evaluate before -> loop over optimizer steps -> evaluate after -> report.
+``run`` validates the config once and runs three phases that share one :class:`_Run` record:
+
+* :func:`_setup` - run folder and checkpoint (misa_train.run_folder) -> seed -> model + modules -> method ->
+  data -> (restore the checkpoint) -> config.json and metrics.jsonl -> evaluate before -> importance probe;
+* :func:`_train` - per optimizer step :func:`_train_step`, then :func:`_log` and
+  :func:`_maybe_eval_and_save` when due;
+* :func:`_finish` - last partial period, evaluate after, then the result files (:func:`_write_results`).
 
 Per optimizer step, nothing waits for the device except one boolean: whether the step's loss is finite
 (needed *before* the update to skip a bad step; on CPU it costs nothing). The loss itself is accumulated
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import random
 import resource
 import signal
@@ -31,7 +37,7 @@ import numpy as np
 import torch
 
 from misa_train import checkpoint as ckpt_mod
-from misa_train import distributed, report
+from misa_train import distributed, report, run_folder
 from misa_train.config import (
     ConfigError,
     TrainConfig,
@@ -122,6 +128,7 @@ class _SignalStop:
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:
+    """The model's longest sequence from its config (``max_position_embeddings`` or ``n_positions``), or None."""
     c = getattr(model, "config", None)
     for key in ("max_position_embeddings", "n_positions"):
         v = getattr(c, key, None)
@@ -166,33 +173,6 @@ def _gen_accuracy(cfg: TrainConfig, model: Any, tokenizer: Any, val_ex: list) ->
         return None
     return evaluate.answer_accuracy(model, tokenizer, items, max_new_tokens=cfg.max_new_tokens,
                                     batch_size=max(cfg.batch_size, 8), n_samples=2)
-
-
-# ---------------------------------------------------------------------- the run
-def _resolve_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """(run folder, checkpoint to resume or None) from output_dir and resume."""
-    ckpt: Path | None = None
-    if cfg.resume == "auto":
-        if cfg.output_dir:
-            ckpt = ckpt_mod.resolve_checkpoint(cfg.output_dir)
-        else:  # the newest run folder of this method with a checkpoint
-            runs = sorted(Path("runs").glob(f"*-{cfg.method}*")) if Path("runs").is_dir() else []
-            for r in reversed(runs):
-                ckpt = ckpt_mod.resolve_checkpoint(r)
-                if ckpt is not None:
-                    break
-        # 'auto' with nothing to resume starts fresh: the same command line works for the first launch
-    elif cfg.resume:
-        ckpt = ckpt_mod.resolve_checkpoint(cfg.resume)
-        if ckpt is None:
-            raise ConfigError(f"resume: no checkpoint in {cfg.resume}")
-    if cfg.output_dir:
-        run_dir = Path(cfg.output_dir)
-    elif ckpt is not None:
-        run_dir = ckpt_mod.run_dir_of(ckpt)
-    else:
-        run_dir = report.default_run_dir(cfg.method)
-    return run_dir, ckpt
 
 
 def _before_after(summary: dict[str, Any]) -> str:
@@ -258,15 +238,76 @@ def forward_loss(net: torch.nn.Module, batch: dict[str, Any], sharded: bool) -> 
         del net.forward
 
 
+# ---------------------------------------------------------------------- the run's shared state
+@dataclasses.dataclass
+class _Meter:
+    """Loss and throughput: per log interval (read and restarted by :meth:`take`) and totals over the run."""
+
+    pending: list[torch.Tensor] = dataclasses.field(default_factory=list)  # finite steps' losses, on device
+    tokens: int = 0  # tokens fed since the interval began (finite steps or not)
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    tokens_total: int = 0
+    time_total: float = 0.0
+    step_times: list[float] = dataclasses.field(default_factory=list)  # seconds per step, one per interval
+    last_loss: float | None = None
+
+    def restart(self) -> None:
+        """Start the interval's clock afresh: evaluation and checkpointing are not training throughput."""
+        self.started = time.perf_counter()
+
+    def take(self) -> tuple[list[float], float, float]:
+        """(per-step losses, seconds per step, tokens/s) of the interval, then start the next one.
+
+        The losses are read from the device here, once per interval. Call only with ``pending`` non-empty."""
+        losses = torch.stack(self.pending).float().cpu().tolist()
+        seconds = time.perf_counter() - self.started
+        per_step = seconds / len(self.pending)
+        tok_s = self.tokens / seconds if seconds > 0 else float("nan")
+        self.step_times.append(per_step)
+        self.tokens_total += self.tokens
+        self.time_total += seconds
+        self.last_loss = sum(losses) / len(losses)
+        self.pending.clear()
+        self.tokens = 0
+        self.restart()
+        return losses, per_step, tok_s
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the phases of one run share: built by :func:`_setup`, advanced by :func:`_train`."""
+
+    cfg: TrainConfig  # device and dtype made concrete
+    dist: distributed.Dist
+    reporter: Any  # misa_train.report on rank 0, a do-nothing stand-in elsewhere
+    run_dir: Path
+    device: torch.device
+    net: torch.nn.Module  # what trains and is saved: the model, or its peft wrapper
+    tokenizer: Any
+    modules: list  # find_modules' ModuleInfo list
+    method: Any  # misa_train.methods.Method
+    batches: Any  # the training data.Batches (an endless, resumable stream)
+    val_enc: list
+    val_ex: list
+    start_step: int
+    log: Any = None  # report.MetricsLog
+    pbar: Any = None
+    meter: _Meter = dataclasses.field(default_factory=_Meter)
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- the run
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train according to ``cfg`` (validated here too) and return a summary dict.
+    """Train according to ``cfg`` (validated here) and return a summary dict.
 
     Summary keys: run_dir, method, steps, start_step, train_loss, val_loss_start, val_loss_end,
     accuracy_before, accuracy_after, tokens_per_s, step_time_s (median over log intervals), peak_mem_mb,
     stats (method.stats()), exit_code (0, or 130/143 after SIGINT/SIGTERM), stopped (reason or None).
     Under torchrun (WORLD_SIZE > 1) every rank runs this; see misa_train/distributed.py.
+    Raises ConfigError for bad input (also found after the model loads) and RunStopped (on_nan=stop).
     """
-    dist = distributed.setup(dataclasses.replace(cfg).validate())
+    cfg = dataclasses.replace(cfg).validate()  # a copy: validation converts field types in place
+    dist = distributed.setup(cfg)
     failed = True
     try:  # the process group is closed whatever happens, so no peer waits on a dead rank
         summary = _run(cfg, dist, distributed.reporter(dist, report))
@@ -276,31 +317,53 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         dist.close(failed=failed)
 
 
-def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any]:
-    """Body of :func:`run`; ``report`` is the report module on rank 0 and a no-op stand-in elsewhere."""
-    from tqdm.auto import tqdm
+def _run(cfg: TrainConfig, dist: distributed.Dist, reporter: Any) -> dict[str, Any]:
+    """Body of :func:`run` for a validated ``cfg``: set up, train, finish."""
+    r = _setup(cfg, dist, reporter)
+    step = _train(r)
+    return _finish(r, step)
 
-    from misa_train import lean_ops
-    from misa_train.methods import build_method
-    from misa_train.models import load_model
-    from misa_train.modules import count_parameters, find_modules
 
-    cfg = dataclasses.replace(cfg).validate()
-    run_dir, ckpt = _resolve_run(cfg)
+# ---------------------------------------------------------------------- set-up
+def _setup(cfg: TrainConfig, dist: distributed.Dist, reporter: Any) -> _Run:
+    """Run folder, model, method, data and (when resuming) their saved state; then the log, evaluation at
+    step 0 and the importance probe of a fresh run."""
+    run_dir, ckpt = run_folder.resolve_run(cfg, announce=dist.is_main)
     run_dir = dist.broadcast(run_dir)  # a default run folder name holds rank 0's timestamp
-    try:  # before the model loads: an unusable folder is an input error, not minutes of work lost at the end
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"output_dir: cannot create the run folder {run_dir}: {e.strerror or e}") from None
-    if ckpt is not None:
+    run_folder.prepare_run_dir(run_dir, fresh=ckpt is None, writer=dist.is_main)
+    if ckpt is not None:  # before the model loads: an incompatible checkpoint is an input error
         meta = ckpt_mod.read_meta(ckpt)
         check_resume_compatible(cfg, meta.get("config", {}),
                                 distributed.resumable_world(meta, world_size(), ckpt), world_size())
-
     device = dist.device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     cfg = dataclasses.replace(cfg, device=str(device), dtype="bf16" if dtype == torch.bfloat16 else "fp32")
     seed_everything(cfg.seed)
+    model, tokenizer, modules, total_params = _setup_model(cfg, dist, device, dtype)
+    method = _setup_method(cfg, dist, model, modules, total_params)
+    batches, val_enc, val_ex = build_data(cfg, tokenizer, getattr(model, "config", None))
+    start_step = 0
+    if ckpt is not None:
+        start_step = _restore(dist, ckpt, method, batches)
+        reporter.truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    r = _Run(cfg=cfg, dist=dist, reporter=reporter, run_dir=run_dir, device=device, net=method.model,
+             tokenizer=tokenizer, modules=modules, method=method, batches=batches, val_enc=val_enc,
+             val_ex=val_ex, start_step=start_step)
+    _start_log(r, ckpt, total_params)
+    if start_step == 0:
+        _evaluate(r, 0)
+    if ckpt is None and cfg.probe_importance:
+        _probe(r)
+    return r
+
+
+def _setup_model(cfg: TrainConfig, dist: distributed.Dist, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.nn.Module, Any, list, int]:
+    """(model, tokenizer, modules, total_params): loaded, sharded under FSDP, lean ops patched, and checked
+    against ``cfg`` (budget vs module sizes, layer counts, positions)."""
+    from misa_train import lean_ops
+    from misa_train.models import load_model
+    from misa_train.modules import count_parameters, find_modules
 
     try:
         model, tokenizer = load_model(cfg.model, dtype=dtype, device=dist.load_device(device))
@@ -320,205 +383,278 @@ def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any
         lean_ops.patch_model(model)
     total_params = count_parameters(model)
     validate_against_model(cfg, modules, total_params, _max_positions(model))
+    return model, tokenizer, modules, total_params
+
+
+def _setup_method(cfg: TrainConfig, dist: distributed.Dist, model: torch.nn.Module, modules: list,
+                  total_params: int) -> Any:
+    """The training method (its ``.model`` is what trains), in train mode, checkpointing applied."""
+    from misa_train.methods import build_method
+
     method = build_method(cfg, model, modules, total_params)
     method.allreduce = dist.allreduce_sum  # sharded grads: each rank's sq norms are partial sums
-    net = method.model
     if cfg.grad_checkpointing:
-        enable_checkpointing(model, net)
-    net.train()
+        enable_checkpointing(model, method.model)
+    method.model.train()
+    return method
 
-    train_batches, val_enc, val_ex = build_data(cfg, tokenizer, getattr(model, "config", None))
 
-    start_step = 0
-    if ckpt is not None:
+def _restore(dist: distributed.Dist, ckpt: Path, method: Any, batches: Any) -> int:
+    """Load checkpoint ``ckpt`` into the model, the method, the data stream and the RNGs; return its step.
+
+    A file that passed checkpoint_problem's structural check can still fail to load (damage inside it);
+    that is reported as a one-line ConfigError naming the checkpoint."""
+    from safetensors import SafetensorError
+
+    try:
         if distributed.is_dcp_checkpoint(ckpt):
-            method_state, trainer_state = dist.load_checkpoint(ckpt, net, method)
+            method_state, trainer_state = dist.load_checkpoint(ckpt, method.model, method)
         else:
-            method_state, trainer_state = ckpt_mod.load_checkpoint(ckpt, net)
+            method_state, trainer_state = ckpt_mod.load_checkpoint(ckpt, method.model)
         method.load_state_dict(method_state)
-        train_batches.load_state_dict(trainer_state["data"])
+        batches.load_state_dict(trainer_state["data"])
         ckpt_mod.set_rng_state(trainer_state["rng"])
-        start_step = int(trainer_state["step"])
-        report.truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    report.write_json(run_dir / "config.json", {
-        **cfg.to_dict(), "total_params": total_params, "n_modules": len(modules),
-        "module_params": sum(m.size for m in modules), "world_size": world_size(),
+        return int(trainer_state["step"])
+    except ConfigError:
+        raise
+    # the boundary where saved bytes become objects: whatever they fail with is a damaged checkpoint
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"resume: cannot load checkpoint {ckpt}: {text}") from None
+
+
+def _start_log(r: _Run, ckpt: Path | None, total_params: int) -> None:
+    """Write config.json, open metrics.jsonl with a ``start`` event, set up the summary, say where it runs."""
+    cfg, n_mod = r.cfg, len(r.modules)
+    r.reporter.write_json(r.run_dir / "config.json", {
+        **cfg.to_dict(), "total_params": total_params, "n_modules": n_mod,
+        "module_params": sum(m.size for m in r.modules), "world_size": world_size(),
         "resumed_from": str(ckpt) if ckpt is not None else None,
     })
-    log = report.MetricsLog(run_dir / "metrics.jsonl")
-    log.log("start", start_step, resumed_from=str(ckpt) if ckpt else None, device=str(device),
-            total_params=total_params, n_modules=len(modules))
-    if dist.is_main:
-        print(f"misa_train: run folder {run_dir} ({cfg.method}, {device}, {cfg.dtype}, "
-              f"{total_params / 1e6:.1f}M params, {len(modules)} modules, world {dist.world})",
+    r.log = r.reporter.MetricsLog(r.run_dir / "metrics.jsonl")
+    r.log.log("start", r.start_step, resumed_from=str(ckpt) if ckpt else None, device=str(r.device),
+              total_params=total_params, n_modules=n_mod)
+    r.summary = {"run_dir": str(r.run_dir), "method": cfg.method, "start_step": r.start_step, "exit_code": 0,
+                 "stopped": None, "val_loss_start": None, "accuracy_before": None}
+    if r.dist.is_main:
+        print(f"misa_train: run folder {r.run_dir} ({cfg.method}, {r.device}, {cfg.dtype}, "
+              f"{total_params / 1e6:.1f}M params, {n_mod} modules, world {r.dist.world})",
               file=sys.stderr, flush=True)
 
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "method": cfg.method, "start_step": start_step,
-                               "exit_code": 0, "stopped": None, "val_loss_start": None,
-                               "accuracy_before": None}
 
-    def evaluate_now(step: int, final: bool = False) -> None:
-        # no RNG is consumed here (fixed validation order, greedy decoding), so evaluation never shifts
-        # the training stream: a resumed run matches an uninterrupted one whatever eval_every is
-        with torch.no_grad():
-            ev = _val_loss(cfg, net, tokenizer, val_enc)
-            rec: dict[str, Any] = {"val_loss": None if ev is None else ev["loss"],
-                                   "val_ppl": None if ev is None else ev["ppl"]}
-            if (step == 0 or final) and cfg.gen_eval_examples > 0:
-                acc = _gen_accuracy(cfg, net, tokenizer, val_ex)
-                if acc is not None:
-                    rec.update(accuracy=acc["accuracy"], accuracy_n=acc["n"], samples=acc["samples"])
-        net.train()
-        log.log("eval", step, final=final, **rec)
-        if step == 0 and not final:
-            summary["val_loss_start"], summary["accuracy_before"] = rec["val_loss"], rec.get("accuracy")
-        if final:
-            summary["val_loss_end"], summary["accuracy_after"] = rec["val_loss"], rec.get("accuracy")
+def _probe(r: _Run) -> None:
+    """The method's importance probe (one extra backward) on a peek at the first batch."""
+    # peeked, so the data order stays as without the probe; cut short: importance needs a gradient
+    # direction, not a long context, and a short batch bounds the probe's activation memory
+    before = r.batches.state_dict()
+    batch = next(r.batches)
+    r.batches.load_state_dict(before)
+    batch = {k: v[:, :PROBE_TOKENS] for k, v in batch.items()}
+    batch = {k: v.to(r.device) for k, v in r.dist.local_batch(batch).items()}
+    if r.method.probe_importance(lambda: forward_loss(r.net, batch, r.dist.sharded)):
+        r.log.log("probe", 0, tokens=int(batch["input_ids"].numel()))
 
-    def save(step: int) -> Path:
-        saver = dist.save_checkpoint if dist.sharded else ckpt_mod.save_checkpoint
-        path = saver(
-            run_dir, step, model=net, adapter_only=(cfg.method == "lora"),
-            method_state=method.state_dict(),
-            trainer_state={"step": step, "data": train_batches.state_dict(), "rng": ckpt_mod.rng_state()},
-            meta={"config": cfg.to_dict(), "world_size": world_size()},
-            keep_last=cfg.keep_last)
-        log.log("checkpoint", step, path=str(path))
-        return path
 
-    if start_step == 0:
-        evaluate_now(0)
+# ---------------------------------------------------------------------- the loop
+def _train(r: _Run) -> int:
+    """Optimizer steps from ``r.start_step`` until ``max_steps`` or a stop signal; returns the last step."""
+    from tqdm.auto import tqdm
 
-    # ---------------------------------------------------------------- the loop
-    step = start_step
-    pending: list[torch.Tensor] = []  # per-step losses on the device, read at the next log
-    tokens_since, t_since, interval_steps = 0, time.perf_counter(), 0
-    step_times: list[float] = []
-    tokens_total, time_total = 0, 0.0
-    last_loss: float | None = None
-    pbar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress or not dist.is_main, desc=cfg.method,
-                dynamic_ncols=True, file=sys.stderr)
-    batches = iter(train_batches)
-
-    def flush_log(step: int) -> None:
-        nonlocal tokens_since, t_since, interval_steps, last_loss, tokens_total, time_total
-        if not pending:
-            return
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # honest timing: the interval's kernels are done
-        losses = torch.stack(pending).float().cpu().tolist()  # the one host read of the interval
-        pending.clear()
-        dt = time.perf_counter() - t_since
-        tok_s = tokens_since / dt if dt > 0 else float("nan")
-        step_times.append(dt / max(interval_steps, 1))
-        tokens_total += tokens_since
-        time_total += dt
-        last_loss = sum(losses) / len(losses)
-        stats = method.stats()
-        log.log("train", step, loss=last_loss, losses=losses, lr=lr_at(step - 1, cfg), tokens_per_s=tok_s,
-                step_time_s=dt / max(interval_steps, 1), peak_mem_mb=peak_memory_mb(device),
-                active_params=stats.get("active_params"), state_bytes=stats.get("state_bytes"))
-        pbar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:.0f}")
-        tokens_since, interval_steps, t_since = 0, 0, time.perf_counter()
-
-    if ckpt is None and cfg.probe_importance:
-        # one batch, peeked (the data order stays as without the probe), cut short: importance needs a
-        # gradient direction, not a long context, and a short batch bounds the probe's activation memory
-        before = train_batches.state_dict()
-        probe = next(train_batches)
-        train_batches.load_state_dict(before)
-        probe = {k: v[:, :PROBE_TOKENS] for k, v in probe.items()}
-        probe = {k: v.to(device) for k, v in dist.local_batch(probe).items()}
-        if method.probe_importance(lambda: forward_loss(net, probe, dist.sharded)):
-            log.log("probe", 0, tokens=int(probe["input_ids"].numel()))
-
+    cfg = r.cfg
+    r.pbar = tqdm(total=cfg.max_steps, initial=r.start_step, disable=not cfg.progress or not r.dist.is_main,
+                  desc=cfg.method, dynamic_ncols=True, file=sys.stderr)
+    batches = iter(r.batches)
+    step = r.start_step
+    r.meter.restart()
     with _SignalStop() as raw_stop:
-        stop = distributed.AgreedStop(raw_stop, dist)  # every rank stops at the same step
+        stop = distributed.AgreedStop(raw_stop, r.dist)  # every rank stops at the same step
         while step < cfg.max_steps:
-            # full/lora pick their one fixed set in build_method; log it once so the heatmap has a column
-            if method.begin_period(step) or step == 0:
-                active = np.flatnonzero(method.active_mask()).tolist()
-                dist.check_same_active(active)
-                log.log("period", step, active=active, active_params=method.stats().get("active_params"))
-            step_loss = torch.zeros((), device=device)
-            for _ in range(cfg.grad_accum):
-                batch = next(batches)
-                tokens_since += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-                batch = {k: v.to(device, non_blocking=True) for k, v in dist.local_batch(batch).items()}
-                loss = forward_loss(net, batch, dist.sharded) / cfg.grad_accum
-                loss.backward()
-                step_loss += loss.detach().float()
-            step_loss = dist.mean(step_loss)  # all ranks take the same skip decision and log the global loss
-            finite = bool(torch.isfinite(step_loss))  # the one per-step sync; see the module docstring
-            if finite:
-                method.after_backward()
-                if cfg.clip_grad > 0:
-                    method.clip_grad_norm_(cfg.clip_grad)
-                method.step(lr_at(step, cfg))
-                pending.append(step_loss)
-                interval_steps += 1
-            else:
-                for p in net.parameters():
-                    p.grad = None
-                log.log("nan", step + 1, action=cfg.on_nan)
-                if cfg.on_nan == "stop":
-                    flush_log(step)
-                    log.log("stop", step, reason="non-finite loss")
-                    log.close()
-                    pbar.close()
-                    raise RunStopped(f"non-finite loss at step {step + 1}; run folder {run_dir} "
-                                     f"(on_nan=skip would skip such steps)")
+            _begin_period(r, step)
+            if not _train_step(r, batches, step):
+                _on_non_finite(r, step)
             step += 1
-            pbar.update(1)
+            r.pbar.update(1)
             stop.agree()
             if step % cfg.period == 0:
-                method.end_period()
-            due_save = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps
-            if step % cfg.log_every == 0 or due_save or stop.signum is not None or step == cfg.max_steps:
-                flush_log(step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
-                evaluate_now(step)
-                t_since = time.perf_counter()  # evaluation time is not training throughput
-            if due_save or stop.signum is not None:
-                save(step)
-                t_since = time.perf_counter()
-            if stop.signum is not None:
-                name = signal.Signals(stop.signum).name
-                summary["stopped"] = name
-                summary["exit_code"] = 128 + stop.signum
-                log.log("stop", step, reason=name)
-                if dist.is_main:
-                    print(f"misa_train: {name} received; checkpoint saved at step {step} in {run_dir}",
-                          file=sys.stderr, flush=True)
+                r.method.end_period()
+            stopping = stop.signum is not None
+            if step % cfg.log_every == 0 or stopping or _save_due(cfg, step):
+                _log(r, step)
+            _maybe_eval_and_save(r, step, stopping)
+            if stopping:
+                _record_signal_stop(r, step, stop.signum)
                 break
-    pbar.close()
+    r.pbar.close()
+    return step
 
-    if summary["stopped"] is None:
-        if step % cfg.period != 0:
-            method.end_period()  # the last, partial period still informs the final importance scores
-        evaluate_now(step, final=True)
-    sampler = getattr(method, "sampler", None)
-    report.write_importance(run_dir / "importance.json", modules,
-                            None if sampler is None else np.asarray(sampler.scores).tolist(),
-                            extra={"method": cfg.method, "step": step})
-    stats = method.stats()
+
+def _begin_period(r: _Run, step: int) -> None:
+    """Let the method draw a new active set when a period starts, and log it."""
+    # full/lora pick their one fixed set in build_method; log it once so the heatmap has a column
+    if r.method.begin_period(step) or step == 0:
+        active = np.flatnonzero(r.method.active_mask()).tolist()
+        r.dist.check_same_active(active)
+        r.log.log("period", step, active=active, active_params=r.method.stats().get("active_params"))
+
+
+def _train_step(r: _Run, batches: Any, step: int) -> bool:
+    """One optimizer step: ``grad_accum`` micro-batches forward and backward, then the update if the mean
+    loss is finite. Returns whether it was; a non-finite step's gradients are dropped, nothing updated."""
+    cfg, dist = r.cfg, r.dist
+    step_loss = torch.zeros((), device=r.device)
+    for _ in range(cfg.grad_accum):
+        batch = next(batches)
+        r.meter.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        batch = {k: v.to(r.device, non_blocking=True) for k, v in dist.local_batch(batch).items()}
+        loss = forward_loss(r.net, batch, dist.sharded) / cfg.grad_accum
+        loss.backward()
+        step_loss += loss.detach().float()
+    step_loss = dist.mean(step_loss)  # all ranks take the same skip decision and log the global loss
+    if not bool(torch.isfinite(step_loss)):  # the one per-step sync; see the module docstring
+        for p in r.net.parameters():
+            p.grad = None
+        return False
+    r.method.after_backward()
+    if cfg.clip_grad > 0:
+        r.method.clip_grad_norm_(cfg.clip_grad)
+    r.method.step(lr_at(step, cfg))
+    r.meter.pending.append(step_loss)
+    return True
+
+
+def _on_non_finite(r: _Run, step: int) -> None:
+    """Log a skipped non-finite step; with ``on_nan=stop`` flush the log and raise RunStopped."""
+    r.log.log("nan", step + 1, action=r.cfg.on_nan)
+    if r.cfg.on_nan == "stop":
+        _log(r, step)
+        r.log.log("stop", step, reason="non-finite loss")
+        r.log.close()
+        r.pbar.close()
+        raise RunStopped(f"non-finite loss at step {step + 1}; run folder {r.run_dir} "
+                         f"(on_nan=skip would skip such steps)")
+
+
+def _save_due(cfg: TrainConfig, step: int) -> bool:
+    """Whether a checkpoint is written after ``step``: every ``save_every`` steps and at the last step."""
+    return bool(cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps
+
+
+def _log(r: _Run, step: int) -> None:
+    """One ``train`` event for the steps since the last: per-step losses, lr, tokens/s, step time, memory."""
+    if not r.meter.pending:
+        return
+    if r.device.type == "cuda":
+        torch.cuda.synchronize(r.device)  # honest timing: the interval's kernels are done
+    losses, step_time, tok_s = r.meter.take()
+    stats = r.method.stats()
+    r.log.log("train", step, loss=r.meter.last_loss, losses=losses, lr=lr_at(step - 1, r.cfg), tokens_per_s=tok_s,
+              step_time_s=step_time, peak_mem_mb=peak_memory_mb(r.device),
+              active_params=stats.get("active_params"), state_bytes=stats.get("state_bytes"))
+    r.pbar.set_postfix(loss=f"{r.meter.last_loss:.4f}", tok_s=f"{tok_s:.0f}")
+
+
+def _maybe_eval_and_save(r: _Run, step: int, stopping: bool) -> None:
+    """Evaluate every ``eval_every`` steps (the last step's evaluation is the final one, in :func:`_finish`);
+    checkpoint when due or when a signal stops the run."""
+    cfg = r.cfg
+    if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
+        _evaluate(r, step)
+        r.meter.restart()
+    if _save_due(cfg, step) or stopping:
+        _save(r, step)
+        r.meter.restart()
+
+
+def _evaluate(r: _Run, step: int, final: bool = False) -> None:
+    """Held-out loss (and, at step 0 and at the end, generation accuracy) as an ``eval`` event."""
+    cfg = r.cfg
+    # no RNG is consumed here (fixed validation order, greedy decoding), so evaluation never shifts
+    # the training stream: a resumed run matches an uninterrupted one whatever eval_every is
+    with torch.no_grad():
+        ev = _val_loss(cfg, r.net, r.tokenizer, r.val_enc)
+        rec: dict[str, Any] = {"val_loss": None if ev is None else ev["loss"],
+                               "val_ppl": None if ev is None else ev["ppl"]}
+        if (step == 0 or final) and cfg.gen_eval_examples > 0:
+            acc = _gen_accuracy(cfg, r.net, r.tokenizer, r.val_ex)
+            if acc is not None:
+                rec.update(accuracy=acc["accuracy"], accuracy_n=acc["n"], samples=acc["samples"])
+    r.net.train()
+    r.log.log("eval", step, final=final, **rec)
+    if step == 0 and not final:
+        r.summary["val_loss_start"], r.summary["accuracy_before"] = rec["val_loss"], rec.get("accuracy")
+    if final:
+        r.summary["val_loss_end"], r.summary["accuracy_after"] = rec["val_loss"], rec.get("accuracy")
+
+
+def _save(r: _Run, step: int) -> None:
+    """Write checkpoint ``step`` and log it. A folder that cannot be written ends the run with a one-line
+    ConfigError; the metrics so far and the checkpoints written before stay as they are."""
+    cfg = r.cfg
+    saver = r.dist.save_checkpoint if r.dist.sharded else ckpt_mod.save_checkpoint
+    try:
+        path = saver(
+            r.run_dir, step, model=r.net, adapter_only=(cfg.method == "lora"),
+            method_state=r.method.state_dict(),
+            trainer_state={"step": step, "data": r.batches.state_dict(), "rng": ckpt_mod.rng_state()},
+            meta={"config": cfg.to_dict(), "world_size": world_size()},
+            keep_last=cfg.keep_last)
+    except OSError as e:
+        r.log.log("stop", step, reason=f"checkpoint not written: {e.strerror or e}")
+        r.log.close()
+        r.pbar.close()
+        raise ConfigError(f"output_dir: cannot write checkpoint step {step} in {r.run_dir / ckpt_mod.CKPT_DIR} "
+                          f"({e.strerror or e}); metrics.jsonl and earlier checkpoints are kept") from None
+    r.log.log("checkpoint", step, path=str(path))
+
+
+def _record_signal_stop(r: _Run, step: int, signum: int) -> None:
+    """Mark the run stopped by ``signum`` (exit code 128 + signum) after its checkpoint was saved."""
+    name = signal.Signals(signum).name
+    r.summary["stopped"] = name
+    r.summary["exit_code"] = 128 + signum
+    r.log.log("stop", step, reason=name)
+    if r.dist.is_main:
+        print(f"misa_train: {name} received; checkpoint saved at step {step} in {r.run_dir}",
+              file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- the end
+def _finish(r: _Run, step: int) -> dict[str, Any]:
+    """Close the last period and evaluate (unless a signal stopped the run), log ``end``, write the result
+    files; returns the summary."""
+    if r.summary["stopped"] is None:
+        if step % r.cfg.period != 0:
+            r.method.end_period()  # the last, partial period still informs the final importance scores
+        _evaluate(r, step, final=True)
+    summary = r.summary
     summary.update({
-        "steps": step, "train_loss": last_loss,
-        "tokens_per_s": tokens_total / time_total if time_total > 0 else None,
-        "step_time_s": float(np.median(step_times)) if step_times else None,
-        "peak_mem_mb": peak_memory_mb(device), "stats": stats,
+        "steps": step, "train_loss": r.meter.last_loss,
+        "tokens_per_s": r.meter.tokens_total / r.meter.time_total if r.meter.time_total > 0 else None,
+        "step_time_s": float(np.median(r.meter.step_times)) if r.meter.step_times else None,
+        "peak_mem_mb": peak_memory_mb(r.device), "stats": r.method.stats(),
     })
     summary.setdefault("val_loss_end", None)
     summary.setdefault("accuracy_after", None)
-    log.log("end", step, **{k: v for k, v in summary.items() if k not in ("run_dir", "stats")})
-    log.close()
+    r.log.log("end", step, **{k: v for k, v in summary.items() if k not in ("run_dir", "stats")})
+    r.log.close()
+    _write_results(r, step)
+    if r.dist.is_main:
+        print(f"misa_train: {_before_after(summary)}", file=sys.stderr, flush=True)
+        print(f"misa_train: done, run folder {r.run_dir}", file=sys.stderr, flush=True)
+        print(str(r.run_dir), flush=True)
+    return summary
+
+
+def _write_results(r: _Run, step: int) -> None:
+    """The run's result files: importance.json, loss.png / active.png, then summary.json, written last so
+    that its presence marks a run folder whose every result file is in place."""
+    sampler = getattr(r.method, "sampler", None)
+    r.reporter.write_importance(r.run_dir / "importance.json", r.modules,
+                                None if sampler is None else np.asarray(sampler.scores).tolist(),
+                                extra={"method": r.cfg.method, "step": step})
     try:
-        report.plot_run(run_dir, [m.name for m in modules])
+        r.reporter.plot_run(r.run_dir, [m.name for m in r.modules])
     except Exception as e:  # noqa: BLE001 - a plotting failure must not lose a finished run
         print(f"misa_train: warning: plots not written ({type(e).__name__}: {e})", file=sys.stderr)
-    report.write_json(run_dir / "summary.json", summary)
-    if dist.is_main:
-        print(f"misa_train: {_before_after(summary)}", file=sys.stderr, flush=True)
-        print(f"misa_train: done, run folder {run_dir}", file=sys.stderr, flush=True)
-        print(str(run_dir), flush=True)
-    return summary
+    r.reporter.write_json(r.run_dir / "summary.json", r.summary)

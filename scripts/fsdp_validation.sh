@@ -10,13 +10,13 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 COMMON=(--model /tmp/llama3-8b-rand --data /tmp/pretrain.txt --task pretrain --method misa --delta 0.01
         --max-seq-len 8192 --grad-checkpointing --dtype bf16 --max-steps 30 --period 10 --log-every 5
-        --eval-every 0 --eval-batches 1 --gen-eval-examples 0 --save-every 0 --lr 1e-5 --no-progress)
+        --eval-every 0 --eval-batches 1 --gen-eval-examples 0 --save-every 0 --lr 1e-5 --no-progress --overwrite)
 case "${1:-}" in
   setup)
     python3 - <<'PY'
 import random, torch
 from transformers import AutoModelForCausalLM, LlamaConfig
-from misa_train.bench_grid import ARCHS
+from benchmarks.bench_grid import ARCHS
 from misa_train.models import tiny_tokenizer
 torch.manual_seed(0)
 with torch.device("cuda"):

@@ -1,5 +1,5 @@
-"""Chunked cross-entropy equals F.cross_entropy (value and gradients), and the bench runs end to end on
-CPU with a tiny Llama (--quick), writing its JSON and table."""
+"""Chunked cross-entropy equals F.cross_entropy (value and gradients), and the GPU bench
+(benchmarks/bench_gpu.py) runs end to end on CPU with a tiny Llama (--quick), writing its JSON and table."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_model_loss_equals_hf_loss():
 
 
 def test_bench_quick(tmp_path, capsys):
-    from misa_train import bench
+    from benchmarks import bench_gpu as bench
 
     rc = bench.main(["--quick", "--out", str(tmp_path), "--methods", "misa1,badam,lora", "--ckpt", "both",
                      "--steps", "2"])
@@ -84,6 +84,6 @@ def test_bench_quick(tmp_path, capsys):
 
 
 def test_bench_rejects_unknown_names(tmp_path):
-    from misa_train import bench
+    from benchmarks import bench_gpu as bench
 
     assert bench.main(["--quick", "--out", str(tmp_path), "--methods", "sgd"]) == 2

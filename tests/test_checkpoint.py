@@ -53,6 +53,33 @@ def test_keep_last_and_resolve(tmp_path):
     assert ck.resolve_checkpoint(tmp_path / "nothing") is None
 
 
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+DAMAGE = {
+    "weights cut short": lambda c: _truncate(c / "weights.safetensors"),
+    "weights with trailing bytes": lambda c: c.joinpath("weights.safetensors").write_bytes(
+        c.joinpath("weights.safetensors").read_bytes() + b"\0" * 16),
+    "method.pt cut short": lambda c: _truncate(c / "method.pt"),
+    "trainer.pt missing": lambda c: (c / "trainer.pt").unlink(),
+    "meta.json garbage": lambda c: (c / "meta.json").write_bytes(b"\x00\xff{not json"),
+    "meta.json of another step": lambda c: (c / "meta.json").write_text('{"step": 99}'),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_checkpoint_problem_names_the_damaged_file(tmp_path, damage):
+    model = torch.nn.Linear(4, 3)
+    old, new = _save(tmp_path, 1, model, keep_last=5), _save(tmp_path, 2, model, keep_last=5)
+    assert ck.checkpoint_problem(old) is None and ck.checkpoint_problem(new) is None
+    DAMAGE[damage](new)
+    problem = ck.checkpoint_problem(new)
+    assert problem is not None and damage.split()[0] in problem
+    assert ck.newest_valid_checkpoint(tmp_path) == (old, [(new, problem)])
+
+
 def test_weights_and_rng_round_trip(tmp_path):
     model = torch.nn.Linear(4, 3)
     torch.manual_seed(5)
@@ -88,3 +115,19 @@ def test_in_process_resume_is_exact(assets, tmp_path, method, at):
                     **kw))
     resumed = _losses(tmp_path / "b")
     assert len(straight) == 8 and resumed == straight[at:]
+
+
+def test_resume_logs_every_step_and_event_once(assets, tmp_path):
+    """Resuming a run folder from an older checkpoint (as after a kill past it) cuts metrics.jsonl back to that
+    checkpoint, so no step's loss and no period draw is logged twice."""
+    torch.set_num_threads(1)
+    kw = dict(max_steps=8, period=4, save_every=4, eval_every=0, gen_eval_examples=0, keep_last=5)
+    run(tiny_config(*assets, tmp_path / "a", **kw))
+    straight = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    run(tiny_config(*assets, tmp_path / "a", resume=str(tmp_path / "a" / "checkpoints" / "step-0000004"), **kw))
+    events = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert _losses(tmp_path / "a") == [x for e in straight if e["event"] == "train" for x in e["losses"]]
+    for kind in ("period", "checkpoint", "train", "end"):
+        steps = [e["step"] for e in events if e["event"] == kind]
+        assert len(steps) == len(set(steps)), (kind, steps)
+    assert [e["step"] for e in events if e["event"] == "period"] == [0, 4]

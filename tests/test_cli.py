@@ -56,6 +56,15 @@ def test_bad_input_is_one_line_exit_2(args, field):
     assert "Traceback" not in res.stderr
 
 
+def test_binary_config_file_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    res = _cli("--config", str(path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [f"misa_train: error: config: {path} is not a text file "
+                                                "(expected YAML or JSON)"]
+
+
 def test_model_dependent_check_is_one_line_exit_2(tiny_model_dir, tmp_path, capsys):
     # the budget check needs the loaded model (delta below the smallest module's share); in-process,
     # since a child would spend its time importing torch for what the cases above already show

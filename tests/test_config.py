@@ -88,6 +88,13 @@ def test_bad_config_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_binary_config_file_is_a_config_error(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match=r"^config: .*model\.safetensors is not a text file"):
+        load_config(path)
+
+
 class _M:
     def __init__(self, size, layer):
         self.size, self.layer, self.name, self.kind = size, layer, f"m{layer}", "q"
@@ -113,5 +120,7 @@ def test_resume_compatibility():
         check_resume_compatible(TrainConfig(method="lora"), saved, 1, 1)
     with pytest.raises(ConfigError, match="^resume:.*model"):
         check_resume_compatible(TrainConfig(model="other"), saved, 1, 1)
+    with pytest.raises(ConfigError, match="^resume:.*seed=0.*seed=1"):
+        check_resume_compatible(TrainConfig(seed=1), saved, 1, 1)  # the seed picks the data split
     with pytest.raises(ConfigError, match="^resume:.*world size"):
         check_resume_compatible(TrainConfig(), saved, 2, 1)

@@ -29,10 +29,9 @@ from misa_train.data import (
 from misa_train.evaluate import extract_answer
 from tests.helpers_tiny import make_tiny, make_tokenizer, tiny_examples
 
-# the project's shared/ sits beside the checkout (CI clones with it there too); read by path, never copied
+# an optional copy of GSM8K beside the checkout (../shared/data); every other test makes its own data
 SHARED_DATA = Path(os.environ.get("MISA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 GSM8K_TRAIN = SHARED_DATA / "gsm8k" / "train.jsonl"
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 
 
 def _write(path: Path, lines: list) -> Path:
@@ -86,14 +85,42 @@ def test_unknown_schema_names_keys(tmp_path):
         record_to_example({"prompt": "p", "response": ["x"]})
 
 
-def test_gsm8k_file_by_path():
+def _gsm8k_records(n: int) -> list[dict]:
+    """Records in GSM8K's own layout: calculator annotations <<a*b=c>> and a final '#### <answer>' line."""
+    return [{"question": f"Tom has {i + 2} bags of {3 * i + 1} apples. How many apples does he have?",
+             "answer": f"He has {i + 2} * {3 * i + 1} = <<{i + 2}*{3 * i + 1}={(i + 2) * (3 * i + 1)}>>"
+                       f"{(i + 2) * (3 * i + 1)} apples.\n#### {(i + 2) * (3 * i + 1)}"} for i in range(n)]
+
+
+def test_gsm8k_format_file_by_path(tmp_path):
+    path = _write(tmp_path / "train.jsonl", _gsm8k_records(12))
+    ex = load_examples(path)
+    assert len(ex) == 12
+    assert [extract_answer(e.response) for e in ex] == [str((i + 2) * (3 * i + 1)) for i in range(12)]
+
+
+@pytest.mark.skipif(not GSM8K_TRAIN.is_file(), reason=f"optional copy of GSM8K not present at {GSM8K_TRAIN} "
+                    "(set MISA_SHARED_DATA to check it)")
+def test_shared_gsm8k_file_when_present():
     ex = load_examples(GSM8K_TRAIN)
     assert len(ex) == 7473
     assert extract_answer(ex[0].response) is not None and "####" in ex[0].response
 
 
+def _play_text(n_chars: int) -> str:
+    """Plain text with Shakespeare's layout (speaker lines, blank lines), long enough for many blocks."""
+    lines, i = [], 0
+    while sum(len(x) + 1 for x in lines) < n_chars:
+        lines += [f"{('First Citizen', 'Second Citizen', 'MENENIUS')[i % 3]}:",
+                  f"Speech number {i}, before we proceed any further, hear me speak.", ""]
+        i += 1
+    return "\n".join(lines)[:n_chars]
+
+
 def test_load_text_txt_and_jsonl(tmp_path):
-    assert load_text(SHAKESPEARE).startswith("First Citizen")
+    txt = tmp_path / "input.txt"
+    txt.write_text(_play_text(5000))
+    assert load_text(txt) == txt.read_text() and load_text(txt).startswith("First Citizen")
     path = _write(tmp_path / "t.jsonl", [{"text": "one"}, {"text": "two"}])
     assert load_text(path) == "one\n\ntwo"
     with pytest.raises(ValueError, match=r"t2\.jsonl:1: pretraining needs a 'text' field"):
@@ -172,7 +199,7 @@ def test_collate_right_and_left_padding():
 
 def test_pretrain_blocks_cover_text_prefix():
     tok = make_tokenizer()
-    text = SHAKESPEARE.read_text()[:20000]
+    text = _play_text(20000)
     blocks = encode_pretrain(tok, text, 64, chunk_chars=3000)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(blocks) == len(ids) // 64
@@ -318,3 +345,19 @@ def test_prepare_data_default_and_file(tmp_path):
     assert (len(b3.train), len(b3.val), b3.val_examples) == (20, 5, [])
     with pytest.raises(ValueError, match="needs a JSONL file"):
         prepare_data(str(txt), tok, task="sft")
+
+
+@pytest.mark.slow  # a child pytest over this file (~15 s)
+def test_this_file_passes_without_the_shared_data(tmp_path):
+    """A clone alone runs `make test`: with no ../shared every test here passes, only the optional GSM8K check
+    skips."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MISA_SHARED_DATA": str(tmp_path / "no-shared-data"), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                          "-k", "not without_the_shared_data"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert " 1 skipped" in res.stdout and "failed" not in res.stdout

@@ -197,7 +197,7 @@ def test_train_run_applies_compiled_ops(tmp_path, monkeypatch, ckpt):
 
 
 def test_bench_quick_compiled(tmp_path):
-    from misa_train import bench
+    from benchmarks import bench_gpu as bench
 
     rc = bench.main(["--quick", "--out", str(tmp_path), "--methods", "misa1", "--ckpt", "both", "--steps", "2",
                      "--lean-ops", "compiled"])

@@ -65,6 +65,22 @@ def test_load_model_missing_is_one_line_value_error(tmp_path):
         load_model(str(tmp_path / "missing.gguf"))
 
 
+def test_load_model_names_a_corrupt_config_json(tmp_path):
+    folder = tmp_path / "m"
+    model, tok = make_tiny("llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "config.json").write_text('{"model_type": "llama", ')  # cut short, as by a full disk
+    with pytest.raises(ValueError) as e:
+        load_model(str(folder))
+    msg = str(e.value)
+    assert "config.json is corrupt" in msg and str(folder) in msg and "not found" not in msg
+    assert "\n" not in msg
+    (folder / "config.json").unlink()
+    with pytest.raises(ValueError, match="has no config.json"):
+        load_model(str(folder))
+
+
 def test_load_model_local_folder_roundtrip(tmp_path):
     model, tok = make_tiny("qwen2")
     tok = tiny_tokenizer()

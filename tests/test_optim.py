@@ -190,3 +190,11 @@ def test_bad_arguments():
         opt.set_active([p[1]])
     with pytest.raises(KeyError):
         opt.set_active(["zzz"])
+
+
+def test_param_looks_up_registered_names():
+    ps = _params()
+    opt = ActiveAdamW([(f"p{i}", p) for i, p in enumerate(ps)])
+    assert opt.param("p2") is ps[2]
+    with pytest.raises(KeyError, match="'nope'"):
+        opt.param("nope")

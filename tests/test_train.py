@@ -90,6 +90,34 @@ def test_budget_below_smallest_module_is_a_config_error(assets, tmp_path):
         run(tiny_config(*assets, tmp_path / "r", max_seq_len=4096))
 
 
+def test_unwritable_checkpoint_folder_mid_run_is_one_line_error(assets, tmp_path, monkeypatch, capsys):
+    """The second save fails as on a folder turned read-only (root ignores chmod, so the OS error is raised
+    where the write happens): one-line exit 2, the earlier checkpoint and the metrics so far kept."""
+    from misa_train import checkpoint as ck
+    from misa_train.cli import main
+    from tests.trainer_helpers import cli_args
+
+    real = ck.save_checkpoint
+
+    def save(run_dir, step, **kw):
+        if step > 3:
+            raise PermissionError(13, "Permission denied", str(run_dir))
+        return real(run_dir, step, **kw)
+
+    monkeypatch.setattr(ck, "save_checkpoint", save)
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as ex:
+        main(cli_args(tiny_config(*assets, out, gen_eval_examples=0)))
+    assert ex.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("misa_train: error: output_dir: cannot write checkpoint step 6") and \
+        "Permission denied" in err[-1]
+    assert [p.name for p in ck.list_checkpoints(out)] == ["step-0000003"]
+    events = read_metrics(out / "metrics.jsonl")
+    assert len([x for e in events if e["event"] == "train" for x in e["losses"]]) == 6
+    assert events[-1]["event"] == "stop" and "checkpoint not written" in events[-1]["reason"]
+
+
 @pytest.fixture(scope="module")
 def nan_model(tmp_path_factory, assets):
     from transformers import AutoModelForCausalLM

@@ -1,5 +1,5 @@
 """The benchmark grid's architectures and method options, torch-free so the memory-model residual script
-(benchmarks/memory_residuals.py) can read them without importing torch; :mod:`misa_train.bench` runs them."""
+(benchmarks/memory_residuals.py) can read them without importing torch; benchmarks/bench_gpu.py runs them."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Memory/throughput benchmark of the trainer's methods on random-initialised Llama architectures.
 
-    python -m misa_train.bench --models llama3-8b --methods misa1,misa3,badam,lisa,lora,full \
+    python benchmarks/bench_gpu.py --models llama3-8b --methods misa1,misa3,badam,lisa,lora,full \
         --seqs 1024,4096,8192 --ckpt both --steps 6 --out docs/results
-    python -m misa_train.bench --quick --out /tmp/bench      # tiny model on CPU (what the test runs)
+    python benchmarks/bench_gpu.py --quick --out /tmp/bench      # tiny model on CPU (what the test runs)
 
 Each configuration runs in this process, one after the other: build the model (``from_config`` on the
 device, bf16, SDPA attention), ``find_modules`` + ``build_method`` exactly as ``misa_train.train.run`` does
@@ -39,8 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from misa_theory import memory as mm
-from misa_train.bench_grid import ARCHS, METHODS, predict_kwargs
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from benchmarks.bench_grid import ARCHS, METHODS, predict_kwargs  # noqa: E402
+from misa_theory import memory as mm  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
@@ -65,7 +68,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _build(arch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def build_model(arch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(**arch, attn_implementation="sdpa")
@@ -105,7 +108,7 @@ def run_one(model_name: str, method_name: str, seq: int, ckpt: bool, *, steps: i
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     state: dict[str, Any] = {}
     try:
-        model = _build(arch, device, dtype)
+        model = build_model(arch, device, dtype)
         state["model"] = model
         modules = find_modules(model)
         if mode == "compiled":
@@ -268,7 +271,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
-    p = argparse.ArgumentParser(prog="python -m misa_train.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_gpu.py", description=__doc__.splitlines()[0])
     p.add_argument("--models", default="llama3-8b,llama3.2-1b", help=f"comma list of {list(ARCHS)}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {list(METHODS)}")
     p.add_argument("--seqs", default="1024,4096,8192")
