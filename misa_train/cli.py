@@ -91,7 +91,10 @@ def parse_overrides(argv: Sequence[str] | None = None) -> tuple[str | None, dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, validate, train. Returns the process exit code."""
+    """Entry point: parse, validate, train (or ``export ...``). Returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     config_path, overrides = parse_overrides(argv)
     try:
         cfg = load_config(config_path, overrides)
@@ -106,3 +109,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunStopped as e:
         fail(str(e), code=1)
     return int(summary.get("exit_code", 0))
+
+
+def export_main(argv: Sequence[str]) -> int:
+    """``python -m misa_train export RUN_DIR OUT [--checkpoint STEP|DIR] [--merge-lora]``: a checkpoint as a
+    ``from_pretrained`` folder (misa_train/hf_export.py). Returns the exit code."""
+    p = _Parser(prog=f"python -m {PROG} export",
+                description="Write a run's checkpoint as a Hugging Face folder (from_pretrained loads it).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (or one of its checkpoints/step-N folders)")
+    p.add_argument("out", metavar="OUT", help="folder to write")
+    p.add_argument("--checkpoint", default=None, metavar="STEP|DIR",
+                   help="step number or checkpoint folder (default: the run's newest checkpoint)")
+    p.add_argument("--merge-lora", action="store_true", help="lora runs: also write OUT-merged")
+    ns = p.parse_args(argv)
+    spec = ns.run_dir
+    if ns.checkpoint is not None:
+        spec = (os.path.join(ns.run_dir, "checkpoints", f"step-{int(ns.checkpoint):07d}")
+                if ns.checkpoint.isdigit() else ns.checkpoint)
+    from misa_train.hf_export import export_checkpoint
+
+    try:
+        written = export_checkpoint(spec, ns.out, merge_lora=ns.merge_lora)
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    for path in written:
+        print(str(path), flush=True)
+    return 0

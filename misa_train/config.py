@@ -22,6 +22,7 @@ MODULE_RULES = ("misa", "optimal", "uniform")
 TASKS = ("sft", "pretrain")
 DTYPES = ("auto", "bf16", "fp32")
 ON_NAN = ("skip", "stop")
+REPORT_TO = ("none", "tensorboard")
 _TRUE = ("true", "yes", "1", "on")
 _FALSE = ("false", "no", "0", "off")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -108,6 +109,13 @@ class TrainConfig:
     n_train: int = _f(320, "training examples generated for the embedded data set")
     n_val: int = _f(64, "validation examples generated for the embedded data set")
     progress: bool = _f(True, "show a tqdm progress bar")
+    # where the results go besides the run folder's own files
+    save_hf: bool = _f(True, "at the end, write <run>/hf: from_pretrained weights (a PEFT adapter for lora), "
+                             "config, generation config and tokenizer")
+    merge_lora: bool = _f(False, "lora with save_hf: also write <run>/hf-merged, the base model with the "
+                                 "adapter folded in")
+    report_to: str = _f("none", "also log to: none, or tensorboard (event files in <run>/tensorboard)",
+                        choices=REPORT_TO)
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> TrainConfig:
@@ -118,6 +126,7 @@ class TrainConfig:
         _choice(self, "task", TASKS)
         _choice(self, "dtype", DTYPES)
         _choice(self, "on_nan", ON_NAN)
+        _choice(self, "report_to", REPORT_TO)
         if not _DEVICE_RE.match(self.device):
             raise ConfigError(f"device: expected auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
         if not 0.0 < self.delta <= 1.0:
@@ -130,6 +139,8 @@ class TrainConfig:
             raise ConfigError(f"depth_bias: must be a finite number, got {self.depth_bias}")
         if self.depth_bias > 0 and self.method != "misa":
             raise ConfigError(f"depth_bias: applies to method misa only, not {self.method}")
+        if self.merge_lora and self.method != "lora":
+            raise ConfigError(f"merge_lora: applies to method lora only, not {self.method}")
         _range(self, "lora_dropout", lo=0.0, hi=1.0, hi_open=True)
         _range(self, "val_fraction", lo=0.0, hi=1.0, hi_open=True)
         _range(self, "lr", lo=0.0, lo_open=True)

@@ -345,7 +345,7 @@ def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any
         "module_params": sum(m.size for m in modules), "world_size": world_size(),
         "resumed_from": str(ckpt) if ckpt is not None else None,
     })
-    log = report.MetricsLog(run_dir / "metrics.jsonl")
+    log = report.MetricsLog(run_dir / "metrics.jsonl", tensorboard=cfg.report_to == "tensorboard")  # hook
     log.log("start", start_step, resumed_from=str(ckpt) if ckpt else None, device=str(device),
             total_params=total_params, n_modules=len(modules))
     if dist.is_main:
@@ -516,6 +516,11 @@ def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any
         report.plot_run(run_dir, [m.name for m in modules])
     except Exception as e:  # noqa: BLE001 - a plotting failure must not lose a finished run
         print(f"misa_train: warning: plots not written ({type(e).__name__}: {e})", file=sys.stderr)
+    # ---- hook: HF-loadable output (misa_train/hf_export.py); collective under FSDP, so on every rank
+    if summary["stopped"] is None:
+        from misa_train.hf_export import save_run_output
+        summary["hf_dir"] = save_run_output(cfg, net, tokenizer, run_dir, sharded=dist.sharded, is_main=dist.is_main)
+    # ---- end hook
     report.write_json(run_dir / "summary.json", summary)
     if dist.is_main:
         print(f"misa_train: {_before_after(summary)}", file=sys.stderr, flush=True)
