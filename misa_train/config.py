@@ -47,8 +47,11 @@ class TrainConfig:
     # what to train
     model: str | None = _f(None, "model: HF folder, .gguf/.safetensors file or known name; "
                                  "none = embedded SmolLM2-135M-Instruct")
-    data: str | None = _f(None, "training data: JSONL (prompt/response or text) or .txt file; "
-                                "none = embedded reasoning-gym arithmetic set")
+    data: str | None = _f(None, "training data: .jsonl/.json/.parquet records (question/answer, prompt/completion, "
+                                "alpaca, messages, ShareGPT conversations, text), a datasets save_to_disk folder "
+                                "or a text file; none = embedded reasoning-gym arithmetic set")
+    data_hub: bool = _f(False, "let --data name a Hugging Face Hub dataset, downloaded with datasets.load_dataset "
+                               "(split train); off: --data must be a local file or folder")
     task: str = _f("sft", "sft (loss on responses only) or pretrain (loss on all tokens)", choices=TASKS)
     # how to train
     method: str = _f("misa", "training method", choices=METHODS)
@@ -161,7 +164,7 @@ class TrainConfig:
         model_path = Path(self.model).expanduser() if self.model is not None else None
         if model_path is not None and _looks_like_path(self.model) and not model_path.exists():
             raise ConfigError(f"model: path does not exist: {self.model}")
-        if self.data is not None and not Path(self.data).expanduser().exists():
+        if self.data is not None and not self.data_hub and not Path(self.data).expanduser().exists():
             raise ConfigError(f"data: file does not exist: {self.data}")
         if self.resume not in (None, "auto") and not Path(self.resume).expanduser().exists():
             raise ConfigError(f"resume: folder does not exist: {self.resume}")

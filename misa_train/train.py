@@ -138,7 +138,7 @@ def build_data(cfg: TrainConfig, tokenizer: Any, model_config: Any = None) -> tu
     try:
         bundle = data.prepare_data(cfg.data, tokenizer, task=cfg.task, max_seq_len=cfg.max_seq_len,
                                    val_fraction=cfg.val_fraction, seed=cfg.seed, n_train=cfg.n_train,
-                                   n_val=cfg.n_val, model_config=model_config)
+                                   n_val=cfg.n_val, model_config=model_config, allow_hub=cfg.data_hub)  # hook
     except ValueError as e:  # unreadable file, unknown schema, too little text: the user's data
         raise ConfigError(f"data: {e}") from None
     batches = data.Batches(bundle.train, cfg.batch_size, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
