@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Benchmarks: python -m misa_train.bench (separate entry point).",
     )
     p.add_argument("--config", metavar="FILE", default=None, help="YAML or JSON file of field: value pairs")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="print the predicted peak GPU memory of MISA, LoRA, LISA and full AdamW for this model "
+                   "(from its config alone, no weights loaded) and exit")
     for name, f in FIELDS.items():
         kind = _kind(f)
         flag = "--" + name.replace("_", "-")
@@ -82,12 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any], bool]:
+    """(config file, {field: raw value} of the options given, --estimate-memory)."""
+    values = vars(build_parser().parse_args(argv))
+    config, estimate = values.pop("config"), values.pop("estimate_memory")
+    return config, {k: v for k, v in values.items() if v is not None}, estimate
+
+
 def parse_overrides(argv: Sequence[str] | None = None) -> tuple[str | None, dict[str, Any]]:
     """(config file, {field: raw value}) for the options that were given."""
-    ns = build_parser().parse_args(argv)
-    values = vars(ns)
-    config = values.pop("config")
-    return config, {k: v for k, v in values.items() if v is not None}
+    config, overrides, _ = _parse(argv)
+    return config, overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,9 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
-    config_path, overrides = parse_overrides(argv)
+    config_path, overrides, estimate = _parse(argv)
     try:
         cfg = load_config(config_path, overrides)
+        if estimate:  # before any weights load: the whole point is to know whether they fit
+            from misa_train.estimate import print_estimate
+
+            return print_estimate(cfg)
     except ConfigError as e:
         fail(str(e))
     from misa_train.train import RunStopped, run  # heavy imports only after the input is known good

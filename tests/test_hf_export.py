@@ -70,7 +70,8 @@ def test_lora_run_saves_an_adapter_and_an_optional_merged_copy(assets, tmp_path)
 
     out = tmp_path / "run"
     run(tiny_config(*assets, out, method="lora", max_steps=3, save_every=0, gen_eval_examples=0, lr=1e-2,
-                    merge_lora=True))
+                    merge_lora=True, report_to="tensorboard"))
+    assert any((out / "tensorboard").glob("events.out.tfevents.*"))  # report_to reaches the run's log
     assert (out / "hf" / "adapter_model.safetensors").is_file()
     assert not (out / "hf" / "model.safetensors").exists()
     adapter = _logits(AutoPeftModelForCausalLM.from_pretrained(str(out / "hf")))
