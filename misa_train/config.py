@@ -23,6 +23,7 @@ TASKS = ("sft", "pretrain")
 DTYPES = ("auto", "bf16", "fp32")
 ON_NAN = ("skip", "stop")
 REPORT_TO = ("none", "tensorboard")
+LOSS_BACKENDS = ("chunked", "torch", "auto")  # misa_train.losses.BACKENDS (config stays torch-free)
 _TRUE = ("true", "yes", "1", "on")
 _FALSE = ("false", "no", "0", "off")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -86,6 +87,9 @@ class TrainConfig:
     max_seq_len: int = _f(256, "truncate sequences to this many tokens")
     clip_grad: float = _f(1.0, "clip the active parameters' global gradient norm to this; 0 = off")
     dtype: str = _f("auto", "weights dtype: bf16, fp32, or auto (bf16 on CUDA, else fp32)", choices=DTYPES)
+    loss_backend: str = _f("chunked", "loss implementation: chunked (misa_train.losses), torch "
+                                      "(F.linear_cross_entropy, chunked by torch), or auto (torch's where the "
+                                      "installed torch has it, else chunked)", choices=LOSS_BACKENDS)
     grad_checkpointing: bool = _f(False, "activation checkpointing (less memory, ~30% more compute)")
     probe_importance: bool = _f(True, "measure every module's gradient norm with one extra backward at the start "
                                 "(gradients dropped as they arrive) so MISA samples by importance from the first "
@@ -130,6 +134,7 @@ class TrainConfig:
         _choice(self, "dtype", DTYPES)
         _choice(self, "on_nan", ON_NAN)
         _choice(self, "report_to", REPORT_TO)
+        _choice(self, "loss_backend", LOSS_BACKENDS)
         if not _DEVICE_RE.match(self.device):
             raise ConfigError(f"device: expected auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
         if not 0.0 < self.delta <= 1.0:

@@ -286,6 +286,8 @@ def _run(cfg: TrainConfig, dist: distributed.Dist, report: Any) -> dict[str, Any
     from misa_train.modules import count_parameters, find_modules
 
     cfg = dataclasses.replace(cfg).validate()
+    from misa_train import losses  # hook: the loss implementation (misa_train/losses.py)
+    losses.set_default_backend(cfg.loss_backend)
     run_dir, ckpt = _resolve_run(cfg)
     run_dir = dist.broadcast(run_dir)  # a default run folder name holds rank 0's timestamp
     try:  # before the model loads: an unusable folder is an input error, not minutes of work lost at the end
