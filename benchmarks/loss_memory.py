@@ -51,22 +51,26 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     """Peak extra bytes, median seconds and loss value of one backend's forward + backward."""
     fn = BACKENDS[name]
     hidden, weight, labels = _inputs(args, device)
+    cuda = device.type == "cuda"
     times, peak, loss_value = [], 0, float("nan")
     for i in range(args.repeats + 1):
         hidden.grad = weight.grad = None
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) if cuda else 0
         t0 = time.perf_counter()
         loss = fn(hidden, weight, labels)
         loss.backward()
-        torch.cuda.synchronize(device)
+        if cuda:
+            torch.cuda.synchronize(device)
         if i > 0:  # the first run is the warm-up
             times.append(time.perf_counter() - t0)
-            peak = max(peak, torch.cuda.max_memory_allocated(device) - base)
-        loss_value = float(loss)
+            peak = max(peak, torch.cuda.max_memory_allocated(device) - base) if cuda else peak
+        loss_value = float(loss.detach())
         del loss
-    return {"backend": name, "peak_mib": peak / 2**20, "median_s": statistics.median(times), "loss": loss_value}
+    return {"backend": name, "peak_mib": peak / 2**20 if cuda else float("nan"),
+            "median_s": statistics.median(times), "loss": loss_value}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,20 +85,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-reference", action="store_true", help="skip the full-logits definition (large shapes)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu runs the same code for a check of the script (no peak memory: reported nan)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("loss_memory: error: needs a CUDA device (peak memory is torch.cuda.max_memory_allocated)",
               file=sys.stderr)
         return 2
     if min(args.vocab, args.seq, args.hidden, args.batch, args.repeats) < 1:
         print("loss_memory: error: vocab, seq, hidden, batch and repeats must be >= 1", file=sys.stderr)
         return 2
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     names = [n for n in BACKENDS if (n != "torch" or has_torch_linear_ce())
              and (n != "reference" or not args.skip_reference)]
     rows = [measure(n, args, device) for n in names]
     ref = rows[0]["loss"]
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}; V={args.vocab} S={args.seq} "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, {where}; V={args.vocab} S={args.seq} "
           f"h={args.hidden} B={args.batch} {args.dtype}, head {'trains' if args.train_head else 'frozen'}")
     print(f"{'backend':<10}{'peak MiB':>12}{'median s':>11}{'loss':>12}{'rel diff':>11}")
     for r in rows:
