@@ -147,7 +147,8 @@ def torch_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          ignore_index: int = -100) -> torch.Tensor:
     """:func:`chunked_causal_lm_loss` computed by torch's ``F.linear_cross_entropy`` with its chunked path
     (``LinearCrossEntropyOptions()``: torch picks chunk size and accumulation per device and dtype).
-    Returns the fp32 scalar mean over non-ignored targets."""
+    Returns the mean over non-ignored targets as fp32; with bf16 inputs torch computes that mean in bf16,
+    so it is coarser than :func:`chunked_causal_lm_loss`'s fp32 accumulation."""
     h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     return F.linear_cross_entropy(h, weight, y, ignore_index=ignore_index,

@@ -132,3 +132,29 @@ def test_gguf_loaded_model_saves(tmp_path):
         got = _from_pretrained(tmp_path / "hf")(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert getattr(model.config, "quantization_config", None) is not None  # restored after the save
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_run_writes_one_consolidated_folder(assets, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, FSDP2): rank 0 writes hf/ from the gathered state dict; it equals the
+    run's last DCP checkpoint exported by a single process."""
+    import socket
+    import subprocess
+
+    from tests.trainer_helpers import PYTHON, ROOT, cli_args, subprocess_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    cfg = tiny_config(*assets, out, max_steps=4, save_every=0, eval_every=0, gen_eval_examples=0)
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "misa_train", *cli_args(cfg)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**subprocess_env(), "MISA_DIST_TIMEOUT": "60"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "hf" / "model.safetensors").is_file()
+    assert main(["export", str(out), str(tmp_path / "exported")]) == 0
+    want = _logits(_from_pretrained(tmp_path / "exported"))
+    assert not torch.equal(want, _logits(_from_pretrained(assets[0])))
+    torch.testing.assert_close(_logits(_from_pretrained(out / "hf")), want, rtol=0, atol=0)
