@@ -25,7 +25,7 @@ def _encoded(tok, n=24):
 def _args(out, **kw):
     from transformers import TrainingArguments
 
-    base = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
+    base = dict(output_dir=str(out), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3,
                 lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1, save_strategy="steps", save_steps=3,
                 report_to=[], use_cpu=True, seed=0, max_grad_norm=0.0, remove_unused_columns=False,
                 dataloader_num_workers=0, disable_tqdm=True)
@@ -41,7 +41,7 @@ def _train(out, resume=None, spy=None, **kw):
     model, tok = make_tiny("llama")
     if spy is not None:
         spy(model)
-    opt = MisaOptimizer(model, lr=1e-3, delta=0.2, period=2, seed=0, rule="uniform")  # varied draws
+    opt = MisaOptimizer(model, lr=1e-3, delta=0.2, period=2, seed=0, eta=0.1)  # eta 0.1: varied draws
     draws: list[list[int]] = []
 
     class Record(MisaCallback):
@@ -61,10 +61,13 @@ def _weights(model):
 
 
 def test_trainer_trains_only_drawn_modules_and_resumes_exactly(tmp_path):
+    """8 steps over 6-step epochs, checkpoint at 3 (mid-period, mid-epoch): the resumed run crosses the epoch
+    and the period boundaries exactly as the uninterrupted one."""
     initial = _weights(make_tiny("llama")[0])
     model, opt, draws = _train(tmp_path / "a")
     final = _weights(model)
-    assert len(draws) == 3 and len({tuple(d) for d in draws}) > 1  # a draw every T = 2 steps, not all alike
+    assert opt.method.sampler.n_draws == 4 and not opt.method.sampler.exploring  # probed, then 4 draws
+    assert len(draws) == 4 and len({tuple(d) for d in draws}) > 1  # a draw every T = 2 steps, not all alike
     modules = opt.method.modules
     trained = {modules[i].name for d in draws for i in d}
     for name, w in final.items():
@@ -72,7 +75,7 @@ def test_trainer_trains_only_drawn_modules_and_resumes_exactly(tmp_path):
         assert changed == (name in trained), name  # drawn modules moved, everything else is frozen
 
     resumed, ropt, rdraws = _train(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-3"))
-    assert rdraws == draws[2:]  # the resumed run draws at step 4 only, the same set
+    assert rdraws == draws[2:]  # the resumed run draws at steps 4 and 6, the same sets
     for name, w in _weights(resumed).items():
         torch.testing.assert_close(w, final[name], rtol=0, atol=0, msg=name)
     assert ropt.method.sampler.state_dict() == opt.method.sampler.state_dict()
@@ -128,25 +131,36 @@ def test_plain_ddp_and_bad_options_are_refused():
         MisaOptimizer(model, method="full")
 
 
-def test_sft_trainer_runs_misa(tmp_path):
-    """TRL's SFTTrainer with a prompt/completion dataset: MISA trains, loss only on completions."""
+def _sft_train(out, resume=None):
+    """(model, optimizer) after TRL's SFTTrainer on prompt/completion chat records (its default
+    activation checkpointing on), checkpoint at step 2."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
 
     model, tok = make_tiny("llama")
-    initial = _weights(model)
     rows = [{"prompt": [{"role": "user", "content": ex.prompt}],
              "completion": [{"role": "assistant", "content": ex.response}]} for ex in tiny_examples(16)]
-    ds = datasets.Dataset.from_list(rows)
-    opt = MisaOptimizer(model, lr=1e-3, delta=0.2, period=2)
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
-                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                         max_length=64, disable_tqdm=True)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                             optimizers=(opt, None), callbacks=[MisaCallback(opt)])
-    out = trainer.train()
-    assert out.global_step == 4 and torch.isfinite(torch.tensor(out.training_loss))
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, initial[n])}
+    opt = MisaOptimizer(model, lr=1e-3, delta=0.2, period=2, eta=0.1)
+    args = trl.SFTConfig(output_dir=str(out), max_steps=5, per_device_train_batch_size=4, learning_rate=1e-3,
+                         logging_steps=1, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, seed=0,
+                         max_length=64, disable_tqdm=True, max_grad_norm=0.0)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tok, optimizers=(opt, None), callbacks=[MisaCallback(opt)])
+    result = trainer.train(resume_from_checkpoint=resume)
+    assert result.global_step == 5 and torch.isfinite(torch.tensor(result.training_loss))
+    return model, opt
+
+
+def test_sft_trainer_runs_misa_and_resumes_exactly(tmp_path):
+    """TRL's SFTTrainer: only modules train, and a resumed run ends with the uninterrupted run's weights."""
+    initial = _weights(make_tiny("llama")[0])
+    model, opt = _sft_train(tmp_path)
+    final = _weights(model)
+    changed = {n for n, p in final.items() if not torch.equal(p, initial[n])}
     module_names = {m.name for m in opt.method.modules}
     assert changed and changed <= module_names
     assert sum(initial[n].numel() for n in changed) < sum(p.numel() for p in initial.values())
+    resumed, ropt = _sft_train(tmp_path, resume=str(tmp_path / "checkpoint-2"))
+    for name, w in _weights(resumed).items():
+        torch.testing.assert_close(w, final[name], rtol=0, atol=0, msg=name)
+    assert ropt.method.sampler.state_dict() == opt.method.sampler.state_dict()
