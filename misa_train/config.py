@@ -149,6 +149,8 @@ class TrainConfig:
             raise ConfigError(f"depth_bias: applies to method misa only, not {self.method}")
         if self.merge_lora and self.method != "lora":
             raise ConfigError(f"merge_lora: applies to method lora only, not {self.method}")
+        if self.merge_lora and not self.save_hf:
+            raise ConfigError("merge_lora: writes <run>/hf-merged beside <run>/hf, so it needs save_hf")
         _range(self, "lora_dropout", lo=0.0, hi=1.0, hi_open=True)
         _range(self, "val_fraction", lo=0.0, hi=1.0, hi_open=True)
         _range(self, "lr", lo=0.0, lo_open=True)

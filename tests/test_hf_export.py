@@ -84,6 +84,15 @@ def test_lora_run_saves_an_adapter_and_an_optional_merged_copy(assets, tmp_path)
     torch.testing.assert_close(_logits(_from_pretrained(tmp_path / "exported-merged")), merged, rtol=0, atol=0)
 
 
+def test_merge_lora_options_are_checked():
+    from misa_train.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="^merge_lora: applies to method lora only"):
+        TrainConfig(merge_lora=True).validate()
+    with pytest.raises(ConfigError, match="^merge_lora: .* needs save_hf"):
+        TrainConfig(method="lora", merge_lora=True, save_hf=False).validate()
+
+
 def test_export_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["export", str(tmp_path), str(tmp_path / "out")])
