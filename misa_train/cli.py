@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(full AdamW, LoRA, LISA, BAdam). Values come from the defaults, then --config, then these options.",
         epilog="Exit codes: 0 done (also after a clean stop on SIGINT/SIGTERM with a checkpoint saved), "
         "1 runtime failure (e.g. non-finite loss with --on-nan stop), 2 bad input. "
-        "Benchmarks: python benchmarks/bench_gpu.py (separate entry point).",
+        "Benchmarks: python benchmarks/bench_gpu.py (separate entry point). "
+        "Checkpoint to Hugging Face folder: python -m misa_train export RUN_DIR OUT (export --help).",
     )
     p.add_argument("--config", metavar="FILE", default=None, help="YAML or JSON file of field: value pairs")
     for name, f in FIELDS.items():

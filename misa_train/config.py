@@ -22,6 +22,8 @@ MODULE_RULES = ("misa", "optimal", "uniform")
 TASKS = ("sft", "pretrain")
 DTYPES = ("auto", "bf16", "fp32")
 ON_NAN = ("skip", "stop")
+REPORT_TO = ("none", "tensorboard")
+LOSS_BACKENDS = ("chunked", "torch", "auto")  # misa_train.losses.BACKENDS (config stays torch-free)
 _TRUE = ("true", "yes", "1", "on")
 _FALSE = ("false", "no", "0", "off")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -46,8 +48,11 @@ class TrainConfig:
     # what to train
     model: str | None = _f(None, "model: HF folder, .gguf/.safetensors file or known name; "
                                  "none = embedded SmolLM2-135M-Instruct")
-    data: str | None = _f(None, "training data: JSONL (prompt/response or text) or .txt file; "
-                                "none = embedded reasoning-gym arithmetic set")
+    data: str | None = _f(None, "training data: .jsonl/.json/.parquet records (question/answer, prompt/completion, "
+                                "alpaca, messages, ShareGPT conversations, text), a datasets save_to_disk folder "
+                                "or a text file; none = embedded reasoning-gym arithmetic set")
+    data_hub: bool = _f(False, "let --data name a Hugging Face Hub dataset, downloaded with datasets.load_dataset "
+                               "(split train); off: --data must be a local file or folder")
     task: str = _f("sft", "sft (loss on responses only) or pretrain (loss on all tokens)", choices=TASKS)
     # how to train
     method: str = _f("misa", "training method", choices=METHODS)
@@ -82,6 +87,9 @@ class TrainConfig:
     max_seq_len: int = _f(256, "truncate sequences to this many tokens")
     clip_grad: float = _f(1.0, "clip the active parameters' global gradient norm to this; 0 = off")
     dtype: str = _f("auto", "weights dtype: bf16, fp32, or auto (bf16 on CUDA, else fp32)", choices=DTYPES)
+    loss_backend: str = _f("chunked", "loss implementation: chunked (misa_train.losses), torch "
+                                      "(F.linear_cross_entropy, chunked by torch), or auto (torch's where the "
+                                      "installed torch has it, else chunked)", choices=LOSS_BACKENDS)
     grad_checkpointing: bool = _f(False, "activation checkpointing (less memory, ~30% more compute)")
     probe_importance: bool = _f(True, "measure every module's gradient norm with one extra backward at the start "
                                 "(gradients dropped as they arrive) so MISA samples by importance from the first "
@@ -110,6 +118,13 @@ class TrainConfig:
     n_train: int = _f(320, "training examples generated for the embedded data set")
     n_val: int = _f(64, "validation examples generated for the embedded data set")
     progress: bool = _f(True, "show a tqdm progress bar")
+    # where the results go besides the run folder's own files
+    save_hf: bool = _f(True, "at the end, write <run>/hf: from_pretrained weights (a PEFT adapter for lora), "
+                             "config, generation config and tokenizer")
+    merge_lora: bool = _f(False, "lora with save_hf: also write <run>/hf-merged, the base model with the "
+                                 "adapter folded in")
+    report_to: str = _f("none", "also log to: none, or tensorboard (event files in <run>/tensorboard)",
+                        choices=REPORT_TO)
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> TrainConfig:
@@ -120,6 +135,8 @@ class TrainConfig:
         _choice(self, "task", TASKS)
         _choice(self, "dtype", DTYPES)
         _choice(self, "on_nan", ON_NAN)
+        _choice(self, "report_to", REPORT_TO)
+        _choice(self, "loss_backend", LOSS_BACKENDS)
         if not _DEVICE_RE.match(self.device):
             raise ConfigError(f"device: expected auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
         if not 0.0 < self.delta <= 1.0:
@@ -132,6 +149,10 @@ class TrainConfig:
             raise ConfigError(f"depth_bias: must be a finite number, got {self.depth_bias}")
         if self.depth_bias > 0 and self.method != "misa":
             raise ConfigError(f"depth_bias: applies to method misa only, not {self.method}")
+        if self.merge_lora and self.method != "lora":
+            raise ConfigError(f"merge_lora: applies to method lora only, not {self.method}")
+        if self.merge_lora and not self.save_hf:
+            raise ConfigError("merge_lora: writes <run>/hf-merged beside <run>/hf, so it needs save_hf")
         _range(self, "lora_dropout", lo=0.0, hi=1.0, hi_open=True)
         _range(self, "val_fraction", lo=0.0, hi=1.0, hi_open=True)
         _range(self, "lr", lo=0.0, lo_open=True)
@@ -152,7 +173,7 @@ class TrainConfig:
         model_path = Path(self.model).expanduser() if self.model is not None else None
         if model_path is not None and _looks_like_path(self.model) and not model_path.exists():
             raise ConfigError(f"model: path does not exist: {self.model}")
-        if self.data is not None and not Path(self.data).expanduser().exists():
+        if self.data is not None and not self.data_hub and not Path(self.data).expanduser().exists():
             raise ConfigError(f"data: file does not exist: {self.data}")
         if self.resume not in (None, "auto") and not Path(self.resume).expanduser().exists():
             raise ConfigError(f"resume: folder does not exist: {self.resume}")

@@ -17,7 +17,6 @@ exactly ``max_seq_len`` tokens with every position labelled.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -26,43 +25,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from misa_train.data_formats import chat_turns, is_dataset_source, read_jsonl, read_records  # noqa: F401 - read_jsonl re-exported
+
 IGNORE_INDEX = -100
-_SCHEMAS = "question/answer, prompt/response (or completion), instruction/input/output, messages, text"
+_SCHEMAS = ("question/answer, prompt/completion (or response; strings or chat turns), "
+            "instruction/input/output (alpaca), messages, conversations (ShareGPT), text (task pretrain)")
 
 
 @dataclass(frozen=True)
 class Example:
     """One supervised item: the model sees ``prompt`` (after earlier ``context`` turns) and learns ``response``.
 
-    context: earlier chat turns as ``(role, content)`` pairs (only from ``messages`` records).
+    context: earlier chat turns as ``(role, content)`` pairs (from chat records).
+    train_context: the loss also covers the assistant turns inside ``context`` (multi-turn ``messages`` and
+        ``conversations`` records: every assistant turn is trained).
     """
 
     prompt: str
     response: str
     context: tuple[tuple[str, str], ...] = field(default=())
+    train_context: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- reading
-
-
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """Read a JSONL file into ``(line_number, record)`` pairs (1-based lines; blank lines skipped).
-
-    Raises ``ValueError("<path>:<line>: ...")`` on malformed JSON or a line that is not a JSON object.
-    """
-    out: list[tuple[int, dict]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            out.append((lineno, rec))
-    return out
 
 
 def _text(rec: dict, key: str, where: str) -> str:
@@ -74,60 +59,79 @@ def _text(rec: dict, key: str, where: str) -> str:
     return v
 
 
+def _from_turns(turns: list[tuple[str, str]], where: str, field: str, train_context: bool) -> Example:
+    """The last assistant turn is the response, the user turn before it the prompt, the rest context."""
+    if len(turns) < 2 or turns[-1][0] != "assistant" or turns[-2][0] != "user":
+        raise ValueError(f"{where}: '{field}' must end with a user turn followed by an assistant turn")
+    context = tuple(turns[:-2])
+    trained = train_context and any(role == "assistant" for role, _ in context)
+    return Example(turns[-2][1], turns[-1][1], context, trained)
+
+
+def _prompt_completion(rec: dict, resp_key: str, where: str) -> Example:
+    """prompt/completion as strings, or as chat turns (then the completion is one assistant turn)."""
+    if not isinstance(rec["prompt"], list) and not isinstance(rec[resp_key], list):
+        return Example(_text(rec, "prompt", where), _text(rec, resp_key, where))
+    def turns(key: str, role: str) -> list[tuple[str, str]]:
+        return chat_turns(rec[key], where, key) if isinstance(rec[key], list) else [(role, _text(rec, key, where))]
+
+    turns_p, turns_c = turns("prompt", "user"), turns(resp_key, "assistant")
+    if len(turns_c) != 1 or turns_c[0][0] != "assistant":
+        raise ValueError(f"{where}: field '{resp_key}' must be one assistant turn")
+    return _from_turns(turns_p + turns_c, where, "prompt", train_context=False)
+
+
 def record_to_example(rec: dict, where: str = "record") -> Example:
     """Map one record of a known schema to an ``Example``; ``ValueError`` naming the keys otherwise.
 
-    Schemas: ``question``/``answer`` (GSM8K), ``prompt``/``response`` or ``completion``,
-    ``instruction``/``output`` with optional ``input`` (prompt = instruction + blank line + input), and chat
-    ``messages`` (a list of ``{"role", "content"}`` ending with an assistant turn that follows a user turn).
+    Schemas: ``question``/``answer`` (GSM8K); ``prompt`` with ``completion`` or ``response``, each a string
+    or chat turns (conversational prompt/completion: the loss is on the completion only);
+    ``instruction``/``output`` with optional ``input`` (alpaca: prompt = instruction + blank line + input);
+    chat ``messages`` (``{"role", "content"}``) or ShareGPT ``conversations`` (``{"from", "value"}``)
+    ending with an assistant turn that follows a user turn, with the loss on every assistant turn.
     """
     keys = set(rec)
     if {"question", "answer"} <= keys:
         return Example(_text(rec, "question", where), _text(rec, "answer", where))
     if "prompt" in keys and ({"response", "completion"} & keys):
-        resp_key = "response" if "response" in keys else "completion"
-        return Example(_text(rec, "prompt", where), _text(rec, resp_key, where))
+        return _prompt_completion(rec, "completion" if "completion" in keys else "response", where)
     if {"instruction", "output"} <= keys:
         prompt = _text(rec, "instruction", where)
         extra = _text(rec, "input", where) if rec.get("input") else ""
         if extra.strip():
             prompt = f"{prompt}\n\n{extra}"
         return Example(prompt, _text(rec, "output", where))
-    if "messages" in keys:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in msgs
-        ):
-            raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} string objects")
-        if len(msgs) < 2 or msgs[-1]["role"] != "assistant" or msgs[-2]["role"] != "user":
-            raise ValueError(f"{where}: 'messages' must end with a user turn followed by an assistant turn")
-        context = tuple((m["role"], m["content"]) for m in msgs[:-2])
-        return Example(msgs[-2]["content"], msgs[-1]["content"], context)
+    for key in ("messages", "conversations"):
+        if key in keys:
+            return _from_turns(chat_turns(rec[key], where, key), where, key, train_context=True)
+    if "text" in keys:
+        raise ValueError(f"{where}: field 'text' is pre-training text; use task pretrain, or records with "
+                         f"one of {_SCHEMAS}")
     raise ValueError(f"{where}: unknown record schema, keys found: {sorted(keys)}; expected one of {_SCHEMAS}")
 
 
-def load_examples(path: str | Path) -> list[Example]:
-    """Read a JSONL file of supervised records (any schema of ``record_to_example``) into ``Example`` s."""
-    return [record_to_example(rec, f"{path}:{lineno}") for lineno, rec in read_jsonl(path)]
+def load_examples(path: str | Path, allow_hub: bool = False) -> list[Example]:
+    """Supervised records of any container of ``data_formats.read_records`` (any schema of
+    ``record_to_example``) as ``Example`` s."""
+    return [record_to_example(rec, where) for where, rec in read_records(path, allow_hub)]
 
 
-def load_text(path: str | Path) -> str:
-    """Plain text for pre-training: a ``.txt`` file as is, or a JSONL file's ``text`` fields joined by blank lines."""
-    p = Path(path)
-    if p.suffix in (".jsonl", ".json"):
-        parts = []
-        for lineno, rec in read_jsonl(p):
-            if "text" not in rec:
-                raise ValueError(f"{p}:{lineno}: pretraining needs a 'text' field, keys found: {sorted(rec)}")
-            parts.append(_text(rec, "text", f"{p}:{lineno}"))
-        return "\n\n".join(parts)
-    return p.read_text(encoding="utf-8")
+def load_text(path: str | Path, allow_hub: bool = False) -> str:
+    """Plain text for pre-training: a text file as is, or the ``text`` fields of a record container
+    (JSONL, JSON array, parquet, saved dataset) joined by blank lines."""
+    if is_text_file(path):
+        return Path(path).read_text(encoding="utf-8")
+    parts = []
+    for where, rec in read_records(path, allow_hub):
+        if "text" not in rec:
+            raise ValueError(f"{where}: pretraining needs a 'text' field, keys found: {sorted(rec)}")
+        parts.append(_text(rec, "text", where))
+    return "\n\n".join(parts)
 
 
 def is_text_file(path: str | Path) -> bool:
-    """True for plain-text pre-training files (anything that is not ``.jsonl``/``.json``)."""
-    return Path(path).suffix not in (".jsonl", ".json")
+    """True for plain-text pre-training files (an existing file that is no record container)."""
+    return not is_dataset_source(path)
 
 
 # ----------------------------------------------------------------------------------------------- default set
@@ -278,24 +282,77 @@ def encode_prompt(tokenizer, ex: Example) -> list[int]:
     return tokenizer(format_prompt(tokenizer, ex), add_special_tokens=add_special)["input_ids"]
 
 
+def _context_pieces(tokenizer, ex: Example, prompt_text: str) -> list[tuple[str, bool]]:
+    """``format_prompt(ex)`` cut into (text, trained) pieces, the context's assistant turns trained.
+
+    With a chat template each assistant turn is what the template adds after the generation prompt of the
+    turns before it; a template that rewrites earlier turns breaks that prefix property, and then the whole
+    prompt is one untrained piece (loss on the final response only)."""
+    if not has_chat_template(tokenizer):
+        return _plain_context_pieces(ex)
+    msgs, pieces, done = _messages(ex), [], ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        head = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+        turn = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
+        if not (head.startswith(done) and turn.startswith(head) and prompt_text.startswith(turn)):
+            return [(prompt_text, False)]
+        pieces += [(head[len(done):], False), (turn[len(head):], True)]
+        done = turn
+    return pieces + [(prompt_text[len(done):], False)]
+
+
+def _plain_context_pieces(ex: Example) -> list[tuple[str, bool]]:
+    """The "Role: content" lines of ``format_prompt`` without a template, assistant contents trained."""
+    pieces: list[tuple[str, bool]] = []
+    for role, content in ex.context:
+        if role == "assistant":
+            pieces += [("Assistant:", False), (f" {content}", True), ("\n", False)]
+        else:
+            pieces.append((f"{role.capitalize()}: {content}\n", False))
+    return pieces + [(f"Question: {ex.prompt}\nAnswer:", False)]
+
+
+def conversation_pieces(tokenizer, ex: Example) -> list[tuple[str, bool]]:
+    """(text, trained) pieces whose concatenation is ``format_prompt(ex) + format_response(ex)``.
+
+    One untrained prompt piece and the trained response, or, with ``ex.train_context``, every assistant
+    turn of the context trained as well."""
+    prompt_text = format_prompt(tokenizer, ex)
+    head = _context_pieces(tokenizer, ex, prompt_text) if ex.train_context else [(prompt_text, False)]
+    return head + [(format_response(tokenizer, ex, prompt_text), True)]
+
+
+def encode_example(tokenizer, ex: Example) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one example: each piece of :func:`conversation_pieces` tokenised on its own
+    (so a single-turn prompt's ids are exactly ``encode_prompt``'s), labels -100 on untrained pieces."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, (text, trained) in enumerate(conversation_pieces(tokenizer, ex)):
+        # a chat template writes its own special tokens; plain prompts get the tokenizer's (e.g. BOS)
+        add_special = i == 0 and not has_chat_template(tokenizer)
+        piece = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        ids += piece
+        labels += list(piece) if trained else [IGNORE_INDEX] * len(piece)
+    return ids, labels
+
+
 def encode_sft(
     tokenizer, examples: list[Example], max_seq_len: int, stats: dict | None = None
 ) -> list[dict[str, list[int]]]:
-    """Tokenise ``prompt + response`` with labels ``-100`` on the prompt.
+    """Tokenise ``prompt + response`` with labels ``-100`` on the prompt (:func:`encode_example`).
 
-    For each example: ``input_ids = p + r`` (``p`` = prompt ids, ``r`` = response ids, tokenised
-    separately so the prompt ids match generation exactly) and ``labels = [-100] * len(p) + r``.
+    For a single-turn example: ``input_ids = p + r`` (``p`` = prompt ids, ``r`` = response ids, tokenised
+    separately so the prompt ids match generation exactly) and ``labels = [-100] * len(p) + r``; multi-turn
+    chats also label their earlier assistant turns.
     Sequences over ``max_seq_len`` are cut from the right; an example with no response token left is dropped.
     One warning reports the counts; ``stats`` (if given) receives ``truncated``, ``dropped``, ``kept``.
     """
     out: list[dict[str, list[int]]] = []
     truncated = dropped = 0
     for ex in examples:
-        p_text = format_prompt(tokenizer, ex)
-        p = encode_prompt(tokenizer, ex)
-        r = tokenizer(format_response(tokenizer, ex, p_text), add_special_tokens=False)["input_ids"]
-        ids = p + r
-        labels = [IGNORE_INDEX] * len(p) + list(r)
+        ids, labels = encode_example(tokenizer, ex)
         if len(ids) > max_seq_len:
             truncated += 1
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
@@ -527,21 +584,24 @@ def prepare_data(
     n_val: int = 64,
     model_config=None,
     pack: bool = False,
+    allow_hub: bool = False,
 ) -> DataBundle:
     """Load, split and encode a data source.
 
     data None: ``n_train + n_val`` generated arithmetic items (``default_examples``; seed ``seed``), split
-    exactly into those sizes. A JSONL file: split by ``val_fraction`` (``n_train``/``n_val`` do not cap a
-    file). ``task="pretrain"``: text (``.txt`` or JSONL ``text``) cut into blocks, blocks split by
-    ``val_fraction``; ``val_examples`` is then empty. ``model_config`` enables the position-limit check.
+    exactly into those sizes. A record container (JSONL, JSON array, parquet, saved dataset, or a Hub
+    dataset with ``allow_hub``; ``misa_train.data_formats``): split by ``val_fraction`` (``n_train``/``n_val``
+    do not cap it). ``task="pretrain"``: text (a text file or the ``text`` field of records) cut into
+    blocks, blocks split by ``val_fraction``; ``val_examples`` is then empty. ``model_config`` enables the
+    position-limit check.
     """
     if model_config is not None:
         check_seq_len(max_seq_len, model_config)
     stats: dict = {}
     if task == "pretrain":
         if data is None:
-            raise ValueError("task 'pretrain' needs a data file (plain text or JSONL with 'text')")
-        blocks = encode_pretrain(tokenizer, load_text(data), max_seq_len)
+            raise ValueError("task 'pretrain' needs a data file (plain text, or records with 'text')")
+        blocks = encode_pretrain(tokenizer, load_text(data, allow_hub), max_seq_len)
         if len(blocks) < 2:
             raise ValueError(f"{data}: too little text for two blocks of max_seq_len={max_seq_len} tokens")
         train, val = split_examples(blocks, val_fraction, seed)
@@ -554,8 +614,9 @@ def prepare_data(
         val_ex, train_ex = examples[:n_val], examples[n_val:]
     else:
         if is_text_file(data):
-            raise ValueError(f"{data}: task 'sft' needs a JSONL file ({_SCHEMAS}); use task 'pretrain' for text")
-        train_ex, val_ex = split_examples(load_examples(data), val_fraction, seed)
+            raise ValueError(f"{data}: task 'sft' needs records (.jsonl, .json, .parquet or a saved dataset) "
+                             f"with {_SCHEMAS}; use task 'pretrain' for plain text")
+        train_ex, val_ex = split_examples(load_examples(data, allow_hub), val_fraction, seed)
     train = encode_sft(tokenizer, train_ex, max_seq_len, stats)
     val = encode_sft(tokenizer, val_ex, max_seq_len)
     if pack:

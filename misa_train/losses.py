@@ -25,6 +25,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from misa_train.config import ConfigError
+
+# Which implementation computes the loss: "chunked" (this module), "torch" (torch.nn.functional's
+# linear_cross_entropy, chunked by torch itself) or "auto" (torch's where the installed torch has it).
+BACKENDS = ("chunked", "torch", "auto")
+_default_backend = "chunked"
+
 # On a GPU one chunk of fp32 logits holds about 2^25 numbers (128 MiB): small next to an 8B model's weights,
 # large enough that the head matmul of one chunk still runs near peak (>= ~256 rows for V = 128k). On a CPU
 # there is no launch overhead to amortise and the ~12·chunk·V bytes of temporaries are resident memory, so
@@ -119,6 +126,46 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     return _ChunkedLinearCE.apply(h, weight, y, int(ignore_index), chunk)
 
 
+def has_torch_linear_ce() -> bool:
+    """Whether the installed torch has ``F.linear_cross_entropy`` with chunking options."""
+    return hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
+def set_default_backend(name: str) -> None:
+    """Choose the loss implementation for calls that do not name one (``TrainConfig.loss_backend``).
+
+    Raises ConfigError for an unknown name, or for "torch" when the installed torch lacks it."""
+    global _default_backend
+    if name not in BACKENDS:
+        raise ConfigError(f"loss_backend: unknown {name!r}; choose from {', '.join(BACKENDS)}")
+    if name == "torch" and not has_torch_linear_ce():
+        raise ConfigError(f"loss_backend: torch {torch.__version__} has no F.linear_cross_entropy; use chunked")
+    _default_backend = name
+
+
+def torch_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """:func:`chunked_causal_lm_loss` computed by torch's ``F.linear_cross_entropy`` with its chunked path
+    (``LinearCrossEntropyOptions()``: torch picks chunk size and accumulation per device and dtype).
+    Returns the mean over non-ignored targets as fp32; with bf16 inputs torch computes that mean in bf16,
+    so it is coarser than :func:`chunked_causal_lm_loss`'s fp32 accumulation."""
+    h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    return F.linear_cross_entropy(h, weight, y, ignore_index=ignore_index,
+                                  options=torch.nn.LinearCrossEntropyOptions()).float()
+
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                   ignore_index: int = -100, backend: str | None = None) -> torch.Tensor:
+    """The causal-LM loss by ``backend`` (default: :func:`set_default_backend`'s choice): "chunked" is
+    :func:`chunked_causal_lm_loss`, "torch" :func:`torch_causal_lm_loss`, "auto" the latter where the
+    installed torch has it. Same arguments and result as :func:`chunked_causal_lm_loss`."""
+    backend = backend or _default_backend
+    if backend == "torch" or (backend == "auto" and has_torch_linear_ce()):
+        return torch_causal_lm_loss(hidden, weight, labels, ignore_index=ignore_index)
+    return chunked_causal_lm_loss(hidden, weight, labels, ignore_index=ignore_index)
+
+
 def reference_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                              ignore_index: int = -100) -> torch.Tensor:
     """The unchunked definition (full fp32 logits): what :func:`chunked_causal_lm_loss` must equal."""
@@ -133,7 +180,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The training loss of a causal LM on ``batch`` via :func:`chunked_causal_lm_loss`.
+    """The training loss of a causal LM on ``batch`` via :func:`causal_lm_loss` (chunked by default).
 
     ``batch``: ``input_ids`` (B, S), optional ``attention_mask`` and ``labels`` (HF convention, -100 =
     ignored; default: the input ids). Runs the decoder stack (``get_decoder()``), then the chunked loss
@@ -153,7 +200,7 @@ def parts_loss(parts: tuple[torch.nn.Module, torch.nn.Linear], batch: dict[str, 
     sharded path counts their targets too)."""
     dec, head = parts
     hidden = dec(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
-    return chunked_causal_lm_loss(hidden, head.weight, labels)
+    return causal_lm_loss(hidden, head.weight, labels)
 
 
 def chunk_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:

@@ -5,6 +5,8 @@ Layout (``cfg.output_dir``, default ``runs/<timestamp>-<method>``)::
     config.json        resolved TrainConfig (device/dtype made concrete) plus model facts
     metrics.jsonl      one JSON object per event: {"event": "train"|"eval"|"gen"|"period"|"checkpoint"|
                        "start"|"end"|"nan"|"stop", "step": int, ...}
+    tensorboard/       with report_to=tensorboard: the train/eval scalars of metrics.jsonl as event files
+    hf/                the final model for from_pretrained (misa_train/hf_export.py)
     importance.json    {"modules": [names], "scores": [...], "layers": [...], "kinds": [...], "sizes": [...]}
     loss.png           train and validation loss against step
     active.png         heatmap modules x periods: which modules trained in each period
@@ -73,26 +75,47 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-class MetricsLog:
-    """Append-only JSONL event log; each line is flushed so a crash keeps every event written so far."""
+TENSORBOARD_DIR = "tensorboard"
+# events whose numeric fields become TensorBoard scalars, tagged "<event>/<field>"
+_TB_EVENTS = ("train", "eval")
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        """Open ``path`` for appending (created if missing)."""
+
+class MetricsLog:
+    """Append-only JSONL event log; each line is flushed so a crash keeps every event written so far.
+
+    With ``tensorboard`` the numeric fields of ``train`` and ``eval`` events are also written as scalars
+    (tag ``train/loss``, ``eval/val_loss``, ...) into ``<folder of path>/tensorboard``."""
+
+    def __init__(self, path: str | os.PathLike, tensorboard: bool = False) -> None:
+        """Open ``path`` for appending (created if missing) and, if asked, a TensorBoard writer beside it."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "a")  # noqa: SIM115 - kept open for the run's lifetime
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (train extra)
+
+            self._tb = SummaryWriter(log_dir=str(self.path.parent / TENSORBOARD_DIR))
 
     def log(self, event: str, step: int, **fields: Any) -> dict[str, Any]:
         """Write one event line and return it."""
         rec = {"event": event, "step": int(step), "time": round(time.time(), 3), **fields}
         self._fh.write(json.dumps(rec, default=_json_default) + "\n")
         self._fh.flush()
+        if self._tb is not None and event in _TB_EVENTS:
+            for key, value in fields.items():
+                if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{event}/{key}", float(value), int(step))
+            self._tb.flush()
         return rec
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Close the file and the TensorBoard writer (idempotent)."""
         if not self._fh.closed:
             self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

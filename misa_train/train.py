@@ -145,7 +145,7 @@ def build_data(cfg: TrainConfig, tokenizer: Any, model_config: Any = None) -> tu
     try:
         bundle = data.prepare_data(cfg.data, tokenizer, task=cfg.task, max_seq_len=cfg.max_seq_len,
                                    val_fraction=cfg.val_fraction, seed=cfg.seed, n_train=cfg.n_train,
-                                   n_val=cfg.n_val, model_config=model_config)
+                                   n_val=cfg.n_val, model_config=model_config, allow_hub=cfg.data_hub)
     except ValueError as e:  # unreadable file, unknown schema, too little text: the user's data
         raise ConfigError(f"data: {e}") from None
     batches = data.Batches(bundle.train, cfg.batch_size, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
@@ -307,6 +307,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     Raises ConfigError for bad input (also found after the model loads) and RunStopped (on_nan=stop).
     """
     cfg = dataclasses.replace(cfg).validate()  # a copy: validation converts field types in place
+    from misa_train import losses
+
+    losses.set_default_backend(cfg.loss_backend)
     dist = distributed.setup(cfg)
     failed = True
     try:  # the process group is closed whatever happens, so no peer waits on a dead rank
@@ -432,7 +435,7 @@ def _start_log(r: _Run, ckpt: Path | None, total_params: int) -> None:
         "module_params": sum(m.size for m in r.modules), "world_size": world_size(),
         "resumed_from": str(ckpt) if ckpt is not None else None,
     })
-    r.log = r.reporter.MetricsLog(r.run_dir / "metrics.jsonl")
+    r.log = r.reporter.MetricsLog(r.run_dir / "metrics.jsonl", tensorboard=cfg.report_to == "tensorboard")
     r.log.log("start", r.start_step, resumed_from=str(ckpt) if ckpt else None, device=str(r.device),
               total_params=total_params, n_modules=n_mod)
     r.summary = {"run_dir": str(r.run_dir), "method": cfg.method, "start_step": r.start_step, "exit_code": 0,
@@ -657,4 +660,9 @@ def _write_results(r: _Run, step: int) -> None:
         r.reporter.plot_run(r.run_dir, [m.name for m in r.modules])
     except Exception as e:  # noqa: BLE001 - a plotting failure must not lose a finished run
         print(f"misa_train: warning: plots not written ({type(e).__name__}: {e})", file=sys.stderr)
+    if r.summary["stopped"] is None:  # collective under FSDP: every rank takes part in the gather
+        from misa_train.hf_export import save_run_output
+
+        r.summary["hf_dir"] = save_run_output(r.cfg, r.net, r.tokenizer, r.run_dir, sharded=r.dist.sharded,
+                                              is_main=r.dist.is_main)
     r.reporter.write_json(r.run_dir / "summary.json", r.summary)

@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+# first, so that the train extra's floor (torch>=2.4) is met by this build and pip keeps it
 if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_q "torch==2.13.0"
 fi

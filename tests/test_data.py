@@ -81,8 +81,10 @@ def test_unknown_schema_names_keys(tmp_path):
         load_examples(path)
     with pytest.raises(ValueError, match="must end with a user turn"):
         record_to_example({"messages": [{"role": "user", "content": "q"}]})
-    with pytest.raises(ValueError, match="must be a string"):
+    with pytest.raises(ValueError, match="field 'response' must be a list of"):
         record_to_example({"prompt": "p", "response": ["x"]})
+    with pytest.raises(ValueError, match="field 'prompt' must be a string"):
+        record_to_example({"prompt": {"a": 1}, "response": "x"})
 
 
 def _gsm8k_records(n: int) -> list[dict]:
@@ -343,7 +345,7 @@ def test_prepare_data_default_and_file(tmp_path):
     txt.write_text("abcdefgh" * 100)
     b3 = prepare_data(str(txt), tok, task="pretrain", max_seq_len=32, val_fraction=0.2)
     assert (len(b3.train), len(b3.val), b3.val_examples) == (20, 5, [])
-    with pytest.raises(ValueError, match="needs a JSONL file"):
+    with pytest.raises(ValueError, match="needs records"):
         prepare_data(str(txt), tok, task="sft")
 
 
