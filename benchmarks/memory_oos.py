@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from misa_theory import memory as mm  # noqa: E402
 from benchmarks.bench_grid import ARCHS, METHODS, predict_kwargs  # noqa: E402  (torch-free)
+from misa_theory import memory as mm  # noqa: E402
 
 #: (model, bench method, seq, ckpt) of the held-out rows, as benchmarks/bench_gpu.py names them.
 ROWS: list[tuple[str, str, int, bool]] = [
