@@ -35,7 +35,7 @@ from misa_theory import memory as mm  # noqa: E402
 
 FILES = ("bench_8b.json", "bench_1b.json", "bench_8b_misa1_long.json", "lean_on_1024.json", "lean_off_1024.json",
          "lean_on_8192.json", "lean_off_8192.json",
-         # stop 8: compile_ops, the checkpointing fix, depth_bias and the probe (docs/results.md, Targets — final)
+         # compile_ops, the checkpointing fix, depth_bias and the probe (docs/results.md)
          "lean_compiled_1024.json", "lean_compiled_8192.json", "lean_off_1024_b.json", "lean_off_8192_b.json",
          "long_compiled_1024.json", "long_off_1024.json", "long_compiled_8192.json", "long_off_8192.json",
          "fix_compiled_8192.json", "fix_off_8192.json", "fix_compiled_8192_misa3.json", "fix_badam_8192.json",
@@ -123,7 +123,7 @@ def measure(spec: str, *, steps: int = 3, inplace_head_grad: bool = True, lean: 
     dev = torch.device("cuda")
     orig_bw = losses._ChunkedLinearCE.backward
     if not inplace_head_grad:
-        def bw(ctx, grad_out):  # the same gradients, the fp32 product a new V×h tensor (the code before stop 10)
+        def bw(ctx, grad_out):  # the same gradients, the fp32 product a new V×h tensor (the earlier form)
             grad_h, grad_w = ctx.saved_tensors
             gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
             gw = None if grad_w is None else (grad_w * grad_out).to(ctx.w_dtype)
