@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Checkpoint to Hugging Face folder: python -m misa_train export RUN_DIR OUT (export --help).",
     )
     p.add_argument("--config", metavar="FILE", default=None, help="YAML or JSON file of field: value pairs")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="print the predicted peak GPU memory of MISA, LoRA, LISA and full AdamW for this model "
+                   "(from its config alone, no weights loaded) and exit")
     for name, f in FIELDS.items():
         kind = field_kind(f)
         flag = "--" + name.replace("_", "-")
@@ -83,19 +86,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any], bool]:
+    """(config file, {field: raw value} of the options given, --estimate-memory)."""
+    values = vars(build_parser().parse_args(argv))
+    config, estimate = values.pop("config"), values.pop("estimate_memory")
+    return config, {k: v for k, v in values.items() if v is not None}, estimate
+
+
 def parse_overrides(argv: Sequence[str] | None = None) -> tuple[str | None, dict[str, Any]]:
     """(config file, {field: raw value}) for the options that were given."""
-    ns = build_parser().parse_args(argv)
-    values = vars(ns)
-    config = values.pop("config")
-    return config, {k: v for k, v in values.items() if v is not None}
+    config, overrides, _ = _parse(argv)
+    return config, overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, validate, train. Returns the process exit code."""
-    config_path, overrides = parse_overrides(argv)
+    """Entry point: parse, validate, train (or ``export ...``). Returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
+    config_path, overrides, estimate = _parse(argv)
     try:
         cfg = load_config(config_path, overrides)
+        if estimate:  # before any weights load: the whole point is to know whether they fit
+            from misa_train.estimate import print_estimate
+
+            return print_estimate(cfg)
     except ConfigError as e:
         fail(str(e))
     from misa_train.train import RunStopped, run  # heavy imports only after the input is known good
@@ -107,3 +122,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunStopped as e:
         fail(str(e), code=1)
     return int(summary.get("exit_code", 0))
+
+
+def export_main(argv: Sequence[str]) -> int:
+    """``python -m misa_train export RUN_DIR OUT [--checkpoint STEP|DIR] [--merge-lora]``: a checkpoint as a
+    ``from_pretrained`` folder (misa_train/hf_export.py). Returns the exit code."""
+    p = _Parser(prog=f"python -m {PROG} export",
+                description="Write a run's checkpoint as a Hugging Face folder (from_pretrained loads it).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (or one of its checkpoints/step-N folders)")
+    p.add_argument("out", metavar="OUT", help="folder to write")
+    p.add_argument("--checkpoint", default=None, metavar="STEP|DIR",
+                   help="step number or checkpoint folder (default: the run's newest checkpoint)")
+    p.add_argument("--merge-lora", action="store_true", help="lora runs: also write OUT-merged")
+    ns = p.parse_args(argv)
+    spec = ns.run_dir
+    if ns.checkpoint is not None:
+        spec = (os.path.join(ns.run_dir, "checkpoints", f"step-{int(ns.checkpoint):07d}")
+                if ns.checkpoint.isdigit() else ns.checkpoint)
+    from misa_train.hf_export import export_checkpoint
+
+    try:
+        written = export_checkpoint(spec, ns.out, merge_lora=ns.merge_lora)
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    for path in written:
+        print(str(path), flush=True)
+    return 0
