@@ -3,6 +3,7 @@
 numpy/scipy only — importing this package never imports torch.
 """
 
+from .budget_draw import budgeted_inclusion, draw_within_budget
 from .optimal import (
     kl_softmax,
     optimal_inclusion,
@@ -24,7 +25,9 @@ __all__ = [
     "RULES",
     "ModuleSampler",
     "MonteCarloEstimate",
+    "budgeted_inclusion",
     "captured_gradient",
+    "draw_within_budget",
     "gradient_deficit",
     "kl_softmax",
     "monte_carlo",
