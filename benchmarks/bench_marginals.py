@@ -2,7 +2,8 @@
 
 Compares ``ModuleSampler``'s π rules with a sequential weighted draw from the same p (add modules one at a
 time with probability ∝ p among those that still fit, until none fits: the fill of the paper's ``misa`` rule,
-without its forced picks) on Llama-3-8B module sizes with a fixed, heterogeneous score profile.  Reported per rule and δ: the fill of the budget, and the error of the per-module frequencies
+without its forced picks) on Llama-3-8B module sizes with a fixed, heterogeneous score profile.  Reported per
+rule and δ: the fill of the budget, and the error of the per-module frequencies
 against π (total variation Σ|f − π|/Σπ, and per size class the expected count target vs measured).
 
     python benchmarks/bench_marginals.py --draws 20000 --out docs/results/marginals.json
