@@ -245,17 +245,15 @@ def _period(state: _State, mask: np.ndarray, cfg: SimConfig) -> np.ndarray:
     p = state.problem
     active = Active.from_mask(mask, p.sizes, p.offsets[:-1], p.n_params)
     sq = np.zeros(mask.shape)
+    kept = mask if state.retain else mask & state.prev
+    state.prev = mask.copy()
     if active.size == 0:
         return sq
-    idx = active.idx
     if not state.sgd:
         # the trainer's ActiveAdamW: a module keeps (m, v, c) if it stayed active (or with retain_state)
-        kept = mask if state.retain else mask & state.prev
-        keep = np.repeat(kept[active.seed, active.module], active.lens)
-        fresh = idx[~keep]
+        fresh = active.idx[~np.repeat(kept[active.seed, active.module], active.lens)]
         state.m[fresh], state.v[fresh], state.b1c[fresh], state.b2c[fresh] = 0.0, 0.0, 1.0, 1.0
     sq[active.seed, active.module] = _inner_steps(state, active, cfg) / cfg.T
-    state.prev = mask.copy()
     return sq
 
 
