@@ -239,7 +239,8 @@ def test_badam_visits_every_layer_once_per_pass() -> None:
 
 @pytest.mark.xfail(strict=True, reason="Known limitation (docs/sampler.md): per-class capacities are "
                    "applied one class at a time, so when the budget is tight against module sizes a reachable class "
-                   "can get π = 0, ignoring min_inclusion (sizes [2,2,3], budget 3, misa_norm); needs hull-aware targets")
+                   "can get π = 0, ignoring min_inclusion (sizes [2,2,3], budget 3, misa_norm); needs hull-aware "
+                   "targets")
 def test_min_inclusion_keeps_every_reachable_module_drawable() -> None:
     s = ModuleSampler([2, 2, 3], delta=3.5 / 7, rule="misa_norm", seed=0, explore=False, min_inclusion=0.05)
     s.observe(np.arange(3), np.array([3.0, 4.0, 2.0]))
