@@ -2,11 +2,9 @@
 
 Default: K = 10^5, S = 16, T = 1, rule misa, δ = 0.03 (the paper's budget), RobustFeatures(12 layers, d=8, kv=4,
 ff=28) = 10,368 parameters, 84 modules.  ``--K`` / ``--seeds`` / ``--T`` / ``--rule`` / ``--delta`` /
-``--repeats`` override.  ``--sampler-process`` runs the sampler in a second process
-(:mod:`misa_theory.sampler_process`), ``--compare`` alternates runs without and with it (same seeds, so the
-final values must agree) and prints both medians and their ratio.
-The cost split at the end times, in the same process, the two parts of a block update that are not the
-simulator's own arithmetic: one ``ModuleSampler(streams=S)`` draw + observe, and one dense ``problem.grad``.
+``--repeats`` override.  The cost split at the end times, in the same process, the two parts of a block update
+that are not the simulator's own arithmetic: one ``ModuleSampler(streams=S)`` draw + observe, and one dense
+``problem.grad``.
 """
 
 from __future__ import annotations
@@ -27,10 +25,10 @@ def cost_split(prob: RobustFeatures, cfg: SimConfig, rule: str, seeds: int, n: i
     s = ModuleSampler(prob.sizes, prob.groups, delta=cfg.delta, rule=rule, seed=0, streams=seeds)
     x = np.random.default_rng(0).random((seeds, prob.n_modules))
     for _ in range(50):  # past exploration, as in a long run
-        s.observe(s.draw(), x)
+        s.observe_mask(s.draw_mask(), x)
     t0 = time.perf_counter()
     for _ in range(n):
-        s.observe(s.draw(), x)
+        s.observe_mask(s.draw_mask(), x)
     draw = (time.perf_counter() - t0) / n
     theta = prob.x0(seeds)
     t0 = time.perf_counter()
@@ -48,31 +46,18 @@ def main() -> None:
     p.add_argument("--rule", default="misa")
     p.add_argument("--delta", type=float, default=0.03)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--sampler-process", action="store_true", help="the sampler in a second process")
-    p.add_argument("--compare", action="store_true", help="alternate in-process and sampler-process runs")
     a = p.parse_args()
     prob = RobustFeatures(n_layers=12, d=8, kv=4, ff=28)
     cfg = SimConfig(alpha=alpha_for(a.K, 0.3), T=a.T, delta=a.delta, sigma=0.05)
-    modes = (False, True) if a.compare else (a.sampler_process,)
-    times: dict[bool, list[float]] = {m: [] for m in modes}
+    times = []
     for i in range(a.repeats):
-        finals = set()
-        for mode in modes:
-            t0 = time.perf_counter()
-            res = simulate(prob, a.rule, a.K, a.seeds, cfg, seed=i, sampler_process=mode)
-            times[mode].append(time.perf_counter() - t0)
-            finals.add(float(res.grad_sq[-1].mean()))
-            print(f"run {i}{' (sampler process)' if mode else ''}: {times[mode][-1]:.2f} s  "
-                  f"(final mean ‖∇f‖² {res.grad_sq[-1].mean():.6g})", flush=True)
-        if len(finals) > 1:
-            raise SystemExit("the sampler process changed the result: please report this as a bug")
-    for mode in modes:
-        med = statistics.median(times[mode])
-        print(f"{a.rule}{' (sampler process)' if mode else ''}: K={a.K} block updates × {a.seeds} seeds × T={a.T}, "
-              f"n={prob.n_params}, M={prob.n_modules}: median {med:.2f} s ({med / a.K * 1e6:.0f} µs per block update)")
-    if a.compare:
-        print(f"in-process / sampler-process median ratio: "
-              f"{statistics.median(times[False]) / statistics.median(times[True]):.2f}")
+        t0 = time.perf_counter()
+        res = simulate(prob, a.rule, a.K, a.seeds, cfg, seed=i)
+        times.append(time.perf_counter() - t0)
+        print(f"run {i}: {times[-1]:.2f} s  (final mean ‖∇f‖² {res.grad_sq[-1].mean():.6g})", flush=True)
+    med = statistics.median(times)
+    print(f"{a.rule}: K={a.K} block updates × {a.seeds} seeds × T={a.T}, n={prob.n_params}, M={prob.n_modules}, "
+          f"δ={a.delta}: median {med:.2f} s ({med / a.K * 1e6:.0f} µs per block update)")
     if a.rule not in ("adam", "sgd"):
         draw, grad = cost_split(prob, cfg, a.rule, a.seeds)
         print(f"cost split: draw+observe of all {a.seeds} seeds {draw:.0f} µs, one gradient {grad:.0f} µs "

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = bench_optimal(args.modules, max(7, args.runs))
     results["optimal_inclusion"] = {**opt, "modules": args.modules, "target_ms": TARGET_OPTIMAL_MS}
     draws = {rule: {**bench_draw(rule, max(1000, args.draws)), "target_ms": TARGET_DRAW_MS}
-             for rule in ("misa", "optimal", "lisa")}
+             for rule in ("misa", "misa_norm", "optimal", "lisa")}
     results["draw_70b"] = draws
 
     print(f"{'benchmark':<34}{'median ms':>11}{'target ms':>11}  ok")

@@ -3,6 +3,7 @@
 numpy/scipy only — importing this package never imports torch.
 """
 
+from .budget_draw import budgeted_inclusion, draw_within_budget
 from .optimal import (
     deficit_gap,
     deficit_optimal_inclusion,
@@ -29,9 +30,11 @@ __all__ = [
     "RULES",
     "ModuleSampler",
     "MonteCarloEstimate",
+    "budgeted_inclusion",
     "captured_gradient",
     "deficit_gap",
     "deficit_optimal_inclusion",
+    "draw_within_budget",
     "gradient_deficit",
     "kl_deficit_inclusion",
     "kl_softmax",

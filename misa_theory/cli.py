@@ -79,15 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=1.0, help="softmax temperature η ≥ 0 of misa")
     s.add_argument("--sigma", type=float, default=0.05, help="gradient noise std σ (E‖ξ‖² = σ²)")
     s.add_argument("--heterogeneity", type=float, default=2.0, help="exponent on the importance profile")
-    s.add_argument("--keep-state", action="store_true", help="keep Adam state of modules drawn again")
+    s.add_argument("--retain-state", action="store_true",
+                   help="park the Adam moments of modules that leave and restore them when drawn again "
+                        "(the trainer's --retain-state); default: a module that leaves loses them")
     s.add_argument("--momentum-flush", action="store_true", help="flush momentum at the end of each period")
     s.add_argument("--target-frac", type=float, default=0.1,
                    help="report block updates until ‖∇f(θ_k)‖² ≤ frac·‖∇f(θ_0)‖² (first hit, mean over seeds)")
     s.add_argument("--out", type=Path, default=None, help="folder for summary.json and PNG plots")
     s.add_argument("--no-plots", action="store_true")
     s.add_argument("--jobs", type=int, default=1,
-                   help="processes to use: several (horizon, rule) runs go to a pool of that many; a single run "
-                        "with --jobs ≥ 2 puts its sampler in a second process; results do not depend on it")
+                   help="size of the process pool the (horizon, rule) runs are spread over; results do not "
+                        "depend on it")
 
     v = sub.add_parser("variance", help="layer-wise vs module-wise sampling variance on given norms")
     src = v.add_mutually_exclusive_group(required=True)
@@ -112,7 +114,8 @@ def _rules(text: str) -> list[str]:
     return rules
 
 
-def _check_common(delta: float, eta: float | None = None) -> None:
+def _check_delta_eta(delta: float, eta: float | None = None) -> None:
+    """The variance command's checks (the simulate command's are SimConfig.validate)."""
     if not (0.0 < delta <= 1.0):
         fail(f"--delta must lie in (0, 1], got {delta}")
     if eta is not None and not (eta >= 0 and np.isfinite(eta)):
@@ -127,107 +130,143 @@ def _progress(total: int, desc: str):
                 dynamic_ncols=True, mininterval=0.5)
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    """Run the ``simulate`` command; returns the exit code."""
-    from .problems import make_problem
-    from .simulate import SimConfig, alpha_for, block_updates_to_target, rate_fit, simulate, summarize
+def _sim_config(args: argparse.Namespace, K: int) -> SimConfig:
+    from .simulate import SimConfig, alpha_for
 
-    rules = _rules(args.rule)
-    Ks = args.K_sweep if args.K_sweep is not None else [args.K]
-    if any(k <= 0 for k in Ks):
-        fail(f"K must be positive, got {min(Ks)}")
-    if args.seeds <= 0:
-        fail(f"--seeds must be positive, got {args.seeds}")
-    if args.T < 1:
-        fail(f"--T must be ≥ 1, got {args.T}")
-    if not 0 < args.target_frac:
-        fail(f"--target-frac must be > 0, got {args.target_frac}")
-    if not args.alpha0 > 0:
-        fail(f"--alpha0 must be > 0, got {args.alpha0}")
-    if args.sigma < 0:
-        fail(f"--sigma must be ≥ 0, got {args.sigma}")
-    _check_common(args.delta, args.eta)
-    if args.out is not None:  # before simulating: a folder that cannot be made is an input error, not lost work
+    sgd0 = args.sgd_alpha0 if args.sgd_alpha0 is not None else args.alpha0
+    return SimConfig(alpha=alpha_for(K, args.alpha0), T=args.T, delta=args.delta, sigma=args.sigma, eta=args.eta,
+                     retain_state=args.retain_state, momentum_flush=args.momentum_flush, sgd_alpha=alpha_for(K, sgd0))
+
+
+def _check_simulate_args(args: argparse.Namespace, rules: list[str], Ks: list[int]) -> None:
+    """Every input error of ``simulate`` before any work: one line naming the option, exit 2."""
+    from .simulate import check_run
+
+    checks = [("--alpha0", args.alpha0), ("--target-frac", args.target_frac)]
+    if args.sgd_alpha0 is not None:
+        checks.append(("--sgd-alpha0", args.sgd_alpha0))
+    for name, value in checks:
+        if not (np.isfinite(value) and value > 0):
+            fail(f"{name} must be a finite number > 0, got {value}")
+    for name, value in (("--seeds", args.seeds), ("--jobs", args.jobs)):
+        if value < 1:
+            fail(f"{name} must be ≥ 1, got {value}")
+    try:
+        for K in Ks:
+            for rule in rules:
+                check_run(rule, K, args.seeds)
+            _sim_config(args, K).validate()
+    except ValueError as e:
+        fail(f"--{e}")
+    if args.out is not None:  # a folder that cannot be made is an input error, not lost work
         try:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             fail(f"--out: cannot create {args.out}: {e.strerror or e}")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run the ``simulate`` command: compute, print the table, write summary.json (and plots); exit code."""
+    from .problems import make_problem
+
+    rules = _rules(args.rule)
+    Ks = args.K_sweep if args.K_sweep is not None else [args.K]
+    _check_simulate_args(args, rules, Ks)
     problem = make_problem(args.problem, heterogeneity=args.heterogeneity)
-    sgd0 = args.sgd_alpha0 if args.sgd_alpha0 is not None else args.alpha0
+    try:  # e.g. a budget smaller than one layer for lisa/badam
+        results = _simulate_all(args, problem, rules, Ks)
+    except ValueError as e:
+        fail(str(e))
+    report = _report(args, problem, results)
+    _print_table(args, problem, results, report)
+    if args.out is not None:
+        _write_summary(args.out, results, report, plots=not args.no_plots)
+    return 0
 
-    if args.jobs < 1:
-        fail(f"--jobs must be ≥ 1, got {args.jobs}")
 
-    def config(K: int) -> SimConfig:
-        return SimConfig(alpha=alpha_for(K, args.alpha0), T=args.T, delta=args.delta, sigma=args.sigma,
-                         eta=args.eta, keep_state=args.keep_state, momentum_flush=args.momentum_flush,
-                         sgd_alpha=alpha_for(K, sgd0))
+def _simulate_all(args: argparse.Namespace, problem: Problem, rules: list[str],
+                  Ks: list[int]) -> dict[int, dict[str, SimResult]]:
+    """Every (K, rule) run, one after the other or in a pool of ``--jobs`` processes: {K: {rule: result}}."""
+    from .simulate import simulate
 
     runs = [(K, r) for K in Ks for r in rules]
-    done: dict[tuple[int, str], object] = {}
     bar = _progress(sum(Ks) * len(rules), f"{args.problem}")
     try:
         if args.jobs == 1 or len(runs) == 1:
-            for K, r in runs:  # one run with --jobs ≥ 2: its sampler takes the second core (where simulate can)
-                done[K, r] = simulate(problem, r, K, args.seeds, config(K), seed=args.seed, progress=bar.update,
-                                      sampler_process=args.jobs >= 2)
+            done = {(K, r): simulate(problem, r, K, args.seeds, _sim_config(args, K), seed=args.seed,
+                                     progress=bar.update) for K, r in runs}
         else:
-            done = _run_parallel(problem, runs, args.seeds, config, args.seed, args.jobs, bar)
-    except ValueError as e:  # e.g. a budget smaller than one layer for lisa/badam
+            done = _run_parallel(problem, runs, args.seeds, lambda K: _sim_config(args, K), args.seed, args.jobs,
+                                 bar)
+    finally:
         bar.close()
-        fail(str(e))
-    bar.close()
-    results: dict[int, dict] = {K: {r: done[K, r] for r in rules} for K in Ks}
+    return {K: {r: done[K, r] for r in rules} for K in Ks}
+
+
+def _report(args: argparse.Namespace, problem: Problem, results: dict[int, dict[str, SimResult]]) -> dict:
+    """summary.json's content: the settings, per-run statistics, updates to the target, and rate fits."""
+    from .simulate import alpha_for, block_updates_to_target, rate_fit, summarize
 
     report: dict = {"problem": args.problem, "n_params": problem.n_params, "n_modules": problem.n_modules,
                     "seeds": args.seeds, "seed": args.seed, "T": args.T, "alpha0": args.alpha0, "delta": args.delta,
                     "eta": args.eta, "sigma": args.sigma, "heterogeneity": args.heterogeneity,
-                    "keep_state": args.keep_state, "momentum_flush": args.momentum_flush,
+                    "retain_state": args.retain_state, "momentum_flush": args.momentum_flush,
                     "block_update": "one draw followed by T inner Adam steps; K counts block updates",
                     "runs": {str(K): {"alpha": alpha_for(K, args.alpha0),
                                       "rules": {r: summarize(res) for r, res in per.items()}}
                              for K, per in results.items()}}
-    print(f"{args.problem}: n={problem.n_params}, M={problem.n_modules}, δ={args.delta}, T={args.T}, "
-          f"σ={args.sigma}, α₀={args.alpha0}, seeds={args.seeds}")
-    print(f"{'K':>7} {'rule':>8} {'avg ‖∇f‖²':>11} {'± stderr':>9} {'min ‖∇f‖²':>11} {'± stderr':>9} {'f(θ_K)':>9}")
-    for K, per in results.items():
-        for r, res in per.items():
-            s = summarize(res)
-            print(f"{K:>7} {r:>8} {s['avg_grad_sq']:>11.4g} {s['avg_grad_sq_stderr']:>9.2g} "
-                  f"{s['min_grad_sq']:>11.4g} {s['min_grad_sq_stderr']:>9.2g} {s['f_final']:>9.4g}")
-    K = max(Ks)
+    K = max(results)
     g0 = float(np.mean([res.grad_sq[0].mean() for res in results[K].values()]))
     target = args.target_frac * g0
     hits = {r: block_updates_to_target(res.grad_sq, target) for r, res in results[K].items()}
     report["target"] = {"frac": args.target_frac, "grad_sq": target, "K": K,
-                        "rules": {r: {"mean_block_updates": float(h.mean()), "censored": int((h > K).sum())}
-                                  for r, h in hits.items()}}
-    print(f"\nblock updates until ‖∇f‖² ≤ {args.target_frac:g}·‖∇f(θ_0)‖² (mean over seeds; K+1 if never):")
+                        "rules": {r: {"mean_block_updates": float(h.mean()), "censored": int((h > K).sum()),
+                                      "seeds": h.size} for r, h in hits.items()}}
     base = hits.get("lisa")
     for r, h in hits.items():
-        ratio = f"  lisa/{r} = {base.mean() / h.mean():.2f}" if base is not None and h.mean() > 0 else ""
-        print(f"{r:>8}: {h.mean():8.1f}  (never reached in {int((h > K).sum())}/{h.size} seeds){ratio}")
         if base is not None and h.mean() > 0:
             report["target"]["rules"][r]["lisa_over_rule"] = float(base.mean() / h.mean())
-    if len(Ks) >= 2:
-        report["rate"] = {}
+    if len(results) >= 2:
+        Ks = sorted(results)
+        report["rate"] = {r: {name: rate_fit(Ks, [get(results[k][r]) for k in Ks]).__dict__
+                              for name, get in (("avg", lambda x: x.avg_grad_sq()), ("min", lambda x: x.min_grad_sq()))}
+                          for r in results[K]}
+    return report
+
+
+def _print_table(args: argparse.Namespace, problem: Problem, results: dict[int, dict[str, SimResult]],
+                 report: dict) -> None:
+    """The per-run table, block updates to the target, and the rate fits, on stdout."""
+    print(f"{args.problem}: n={problem.n_params}, M={problem.n_modules}, δ={args.delta}, T={args.T}, "
+          f"σ={args.sigma}, α₀={args.alpha0}, seeds={args.seeds}")
+    print(f"{'K':>7} {'rule':>9} {'avg ‖∇f‖²':>11} {'± stderr':>9} {'min ‖∇f‖²':>11} {'± stderr':>9} {'f(θ_K)':>9}")
+    for K, per in results.items():
+        for r in per:
+            s = report["runs"][str(K)]["rules"][r]
+            print(f"{K:>7} {r:>9} {s['avg_grad_sq']:>11.4g} {s['avg_grad_sq_stderr']:>9.2g} "
+                  f"{s['min_grad_sq']:>11.4g} {s['min_grad_sq_stderr']:>9.2g} {s['f_final']:>9.4g}")
+    t = report["target"]
+    print(f"\nblock updates until ‖∇f‖² ≤ {t['frac']:g}·‖∇f(θ_0)‖² (mean over seeds; K+1 if never):")
+    for r, h in t["rules"].items():
+        ratio = f"  lisa/{r} = {h['lisa_over_rule']:.2f}" if "lisa_over_rule" in h else ""
+        print(f"{r:>9}: {h['mean_block_updates']:8.1f}  (never reached in {h['censored']}/{h['seeds']} seeds){ratio}")
+    if "rate" in report:
         print("\nslope of (1/K)Σ‖∇f(θ_k)‖² vs K (α = α₀/√K), 95% bootstrap interval over seeds; theory: ≤ -0.5")
-        for r in rules:
-            fits = {}
-            for name, get in (("avg", lambda x: x.avg_grad_sq()), ("min", lambda x: x.min_grad_sq())):
-                fits[name] = rate_fit(Ks, [get(results[K][r]) for K in Ks])
-            report["rate"][r] = {name: fit.__dict__ for name, fit in fits.items()}
+        for r, fits in report["rate"].items():
             a = fits["avg"]
-            print(f"{r:>8}: slope {a.slope:+.3f} [{a.lo:+.3f}, {a.hi:+.3f}]  C (max y·√K) {a.C_half:.4g}  "
-                  f"{'≤ -1/2 within CI' if a.covered else 'NOT ≤ -1/2'};  min-slope {fits['min'].slope:+.3f}")
-    if args.out is not None:
-        tmp = args.out / ".summary.json.tmp"  # written whole, then renamed: never a half-written summary
-        tmp.write_text(json.dumps(report, indent=2, default=_json_default))
-        os.replace(tmp, args.out / "summary.json")
-        if not args.no_plots:
-            _plots(args.out, results, report)
-        print(f"wrote {args.out / 'summary.json'}")
-    return 0
+            print(f"{r:>9}: slope {a['slope']:+.3f} [{a['lo']:+.3f}, {a['hi']:+.3f}]  C (max y·√K) "
+                  f"{a['C_half']:.4g}  {'≤ -1/2 within CI' if a['covered'] else 'NOT ≤ -1/2'};  "
+                  f"min-slope {fits['min']['slope']:+.3f}")
+
+
+def _write_summary(out: Path, results: dict[int, dict[str, SimResult]], report: dict, plots: bool) -> None:
+    """summary.json (written whole, then renamed: never half-written) and, unless ``plots`` is False, the PNGs."""
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=_json_default))
+    os.replace(tmp, out / "summary.json")
+    if plots:
+        _plots(out, results, report)
+    print(f"wrote {out / 'summary.json'}")
 
 
 def _run_parallel(problem: Problem, runs: list[tuple[int, str]], seeds: int, config: Callable[[int], SimConfig],
@@ -327,11 +366,12 @@ def load_norms(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str
 
 
 def variance_table(sq_norms: np.ndarray, sizes: np.ndarray, layers: np.ndarray, delta: float,
-                   etas: list[float]) -> dict[str, float]:
+                   etas: list[float]) -> dict[str, float | None]:
     """Σ_b a_b(1/π_b − 1) for the five designs at budget ⌊δ·Σn_b⌋ (inf where a module with a_b>0 has π=0).
 
     Designs: uniform / optimal layer-wise, uniform / optimal module-wise, and the paper's softmax
-    π ∝ softmax(η·a/mean a) capped at 1 (one entry per η).  Values are in units of a (squared norm).
+    π ∝ softmax(η·a/mean a) capped at 1 (one entry per η).  Values are in units of a (squared norm).  The
+    layer-wise designs are None when the budget is smaller than the largest layer (no whole layer fits).
     """
     from .optimal import kl_softmax, optimal_inclusion, proportional_inclusion
 
@@ -346,9 +386,11 @@ def variance_table(sq_norms: np.ndarray, sizes: np.ndarray, layers: np.ndarray, 
             return float("inf")
         return float(np.sum(sq_norms[live] * (1.0 / pi[live] - 1.0)))
 
-    out = {
-        "uniform layer-wise": var(proportional_inclusion(np.ones(layer_sizes.size), layer_sizes, budget)[gid]),
-        "optimal layer-wise": var(optimal_inclusion(sq_norms, n, budget, groups=gid)),
+    layers_fit = budget >= layer_sizes.max()
+    out: dict[str, float | None] = {
+        "uniform layer-wise": var(proportional_inclusion(np.ones(layer_sizes.size), layer_sizes, budget)[gid])
+        if layers_fit else None,
+        "optimal layer-wise": var(optimal_inclusion(sq_norms, n, budget, groups=gid)) if layers_fit else None,
         "uniform module-wise": var(proportional_inclusion(np.ones(n.size), n, budget)),
         "optimal module-wise": var(optimal_inclusion(sq_norms, n, budget)),
     }
@@ -366,7 +408,7 @@ def cmd_variance(args: argparse.Namespace) -> int:
         fail(f"--eta must be a comma list of numbers ≥ 0, got {args.eta!r}")
     if not etas or any(not (e >= 0 and np.isfinite(e)) for e in etas):
         fail(f"--eta must be a comma list of numbers ≥ 0, got {args.eta!r}")
-    _check_common(args.delta)
+    _check_delta_eta(args.delta)
     if args.norms is not None:
         if not args.norms.is_file():
             fail(f"--norms file not found: {args.norms}")
@@ -385,10 +427,9 @@ def cmd_variance(args: argparse.Namespace) -> int:
         fail("sizes must be > 0 and squared norms finite and ≥ 0")
     budget = int(np.floor(args.delta * sizes.sum()))
     gid = np.unique(layers, return_inverse=True)[1]
-    if budget < np.bincount(gid, sizes).max():
-        fail(f"--delta={args.delta:g} gives a budget of {budget} parameters, smaller than one layer "
-             f"({int(np.bincount(gid, sizes).max())}); layer-wise designs need δ ≥ "
-             f"{np.bincount(gid, sizes).max() / sizes.sum():.3g}")
+    if budget < sizes.max():
+        fail(f"--delta={args.delta:g} gives a budget of {budget} parameters, smaller than the largest module "
+             f"({int(sizes.max())}); use δ ≥ {sizes.max() / sizes.sum():.3g}")
     table = variance_table(norms, sizes, layers, args.delta, etas)
     total = float(norms.sum())
     if args.json:
@@ -399,7 +440,10 @@ def cmd_variance(args: argparse.Namespace) -> int:
           f"δ={args.delta:g} (budget {budget:,})")
     print(f"{'design':>26} {'E‖ĝ−g‖²':>12} {'/ ‖g‖²':>9}")
     for name, val in table.items():
-        print(f"{name:>26} {val:>12.4g} {val / total if total > 0 else float('nan'):>9.3f}")
+        if val is None:
+            print(f"{name:>26} {'n/a':>12} {'':>9}  (no whole layer fits the budget)")
+        else:
+            print(f"{name:>26} {val:>12.4g} {val / total if total > 0 else float('nan'):>9.3f}")
     return 0
 
 

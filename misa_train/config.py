@@ -18,7 +18,7 @@ from typing import Any
 
 METHODS = ("misa", "lisa", "badam", "full", "lora")
 # Module-wise sampling rules that method "misa" accepts; "lisa"/"badam" rules are implied by those methods.
-MODULE_RULES = ("misa", "optimal", "uniform")
+MODULE_RULES = ("misa", "misa_norm", "optimal", "uniform")
 TASKS = ("sft", "pretrain")
 DTYPES = ("auto", "bf16", "fp32")
 ON_NAN = ("skip", "stop")

@@ -201,7 +201,7 @@ from misa_theory.simulate import SimConfig, simulate
 problem = make_problem("robust", heterogeneity=2.0)
 K = 60 if SMALL else 600
 out = {r: simulate(problem, r, K, 1, SimConfig(alpha=0.3 / np.sqrt(K), T=2, sigma=0.05), record_draws=True)
-       for r in ["misa", "optimal", "lisa", "badam"]}
+       for r in ["misa", "misa_norm", "optimal", "lisa", "badam"]}
 order = np.lexsort((np.arange(problem.n_modules), problem.groups))  # layer-major for display'''),
     new_code_cell('''fig, axs = plt.subplots(len(out), 1, figsize=(8, 2.2 * len(out)), sharex=True)
 for ax, (r, res) in zip(axs, out.items()):
@@ -213,7 +213,7 @@ for ax, (r, res) in zip(axs, out.items()):
 axs[-1].set_xlabel("block update k")
 fig.tight_layout(); fig.savefig(FIGDIR / "03_heatmap.png", dpi=90)'''),
     new_code_cell('''fig, axs = plt.subplots(1, 2, figsize=(10, 3.5))
-for ax, r in zip(axs, ["misa", "optimal"]):
+for ax, r in zip(axs, ["misa_norm", "optimal"]):  # misa's sequential draw has no closed-form π
     res = out[r]
     burn = K // 3   # after exploration, when π is score-driven
     emp = np.zeros(problem.n_modules)

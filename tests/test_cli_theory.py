@@ -65,6 +65,11 @@ def test_variance_toy_and_norms_file(tmp_path):
     (("simulate", "--delta", "0"), "delta"),
     (("simulate", "--eta", "-1"), "eta"),
     (("simulate", "--jobs", "0"), "jobs"),
+    (("simulate", "--sigma", "nan"), "--sigma"),
+    (("simulate", "--target-frac", "inf"), "--target-frac"),
+    (("simulate", "--sgd-alpha0", "-0.1"), "--sgd-alpha0"),
+    (("simulate", "--seeds", "0"), "--seeds"),
+    (("simulate", "--T", "0"), "--T"),
     (("variance", "--toy", "llama3-8b", "--delta", "1.5"), "delta"),
     (("variance", "--toy", "llama3-8b", "--eta", "-2"), "eta"),
     (("variance", "--toy", "gpt5"), "llama3-8b"),
@@ -77,6 +82,18 @@ def test_bad_input_is_one_line_exit_2(args, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("misa_theory: error:") and needle in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_variance_at_the_default_delta_runs_and_marks_layer_designs_unavailable():
+    """README's command: at δ = 3% no whole Llama-3-8B layer fits (1/32 of the model), so the layer-wise rows
+    say so instead of the command failing."""
+    r = run("variance", "--toy", "llama3-8b", "--delta", "0.03", "--json")
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)["variance"]
+    assert v["uniform layer-wise"] is None and v["optimal layer-wise"] is None
+    assert 0 < v["optimal module-wise"] <= v["uniform module-wise"]
+    table = run("variance", "--toy", "llama3-8b")
+    assert table.returncode == 0 and "n/a" in table.stdout
 
 
 def test_load_norms_reads_the_trainers_importance_json(tmp_path):

@@ -252,7 +252,7 @@ def test_load_state_dict_refuses_other_method():
 
 
 def test_depth_bias_reaches_the_sampler_and_favours_the_top_layer():
-    method, _ = make(num_layers=4, depth_bias=3.0, delta=0.1, probe_importance=False)
+    method, _ = make(num_layers=4, depth_bias=3.0, delta=0.1, probe_importance=False, rule="misa_norm")
     assert method.sampler.depth_bias == 3.0
     pi = method.sampler.target_inclusion()
     groups = method.sampler.groups

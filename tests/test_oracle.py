@@ -77,7 +77,7 @@ def test_simulation_with_incremental_oracle_starts_on_the_dense_trajectory(monke
     import misa_theory.simulate as sim
 
     problem = RobustFeatures(n_layers=6, d=8, kv=4, ff=16)
-    cfg = SimConfig(alpha=0.01, T=T, delta=0.05, sigma=0.05, keep_state=keep, momentum_flush=flush)
+    cfg = SimConfig(alpha=0.01, T=T, delta=0.05, sigma=0.05, retain_state=keep, momentum_flush=flush)
     fast = simulate(problem, "misa", 8, 3, cfg, seed=4)
     monkeypatch.setattr(sim, "make_oracle", lambda p, theta, active_fraction=1.0: DenseOracle(p, theta))
     dense = simulate(problem, "misa", 8, 3, cfg, seed=4)

@@ -35,12 +35,49 @@ def test_full_adam_matches_reference():
     np.testing.assert_allclose(res.grad_sq[:, 1], ref, rtol=1e-10)
 
 
-def test_full_budget_block_adam_is_adam_with_reset_every_period():
+def test_full_budget_block_adam_keeps_moments_as_the_trainer_does():
+    """δ = 1: every module stays active, so ActiveAdamW never resets a moment: block Adam is full Adam."""
     p = make_problem("sensing")
-    res = simulate(p, "uniform", 5, 1, SimConfig(alpha=0.01, T=4, delta=1.0))
-    np.testing.assert_allclose(res.grad_sq[:, 0], _adam_reference(p, 20, 4, 0.01, reset=True), rtol=1e-10)
-    kept = simulate(p, "uniform", 5, 1, SimConfig(alpha=0.01, T=4, delta=1.0, keep_state=True))
-    np.testing.assert_allclose(kept.grad_sq[:, 0], _adam_reference(p, 20, 4, 0.01, reset=False), rtol=1e-10)
+    ref = _adam_reference(p, 20, 4, 0.01, reset=False)
+    for retain in (False, True):
+        res = simulate(p, "uniform", 5, 1, SimConfig(alpha=0.01, T=4, delta=1.0, retain_state=retain))
+        np.testing.assert_allclose(res.grad_sq[:, 0], ref, rtol=1e-10)
+
+
+def _block_adam_reference(problem, draws, T, alpha, retain, b1=0.9, b2=0.999, eps=1e-8):
+    """One seed of block Adam on the given active sets, moments per module as misa_train's ActiveAdamW keeps them:
+    a module that stays keeps (m, v, c); one that leaves loses them unless ``retain``."""
+    theta = problem.x0(1)[0].copy()
+    state: dict[int, tuple] = {}
+    prev: set[int] = set()
+    for active in draws:
+        active = set(active.tolist())
+        if not retain:
+            state = {b: st for b, st in state.items() if b in prev}
+        for _ in range(T):
+            g = problem.grad(theta[None])[0]
+            for b in sorted(active):
+                sl = slice(problem.offsets[b], problem.offsets[b + 1])
+                m, v, c = state.get(b, (np.zeros(sl.stop - sl.start), np.zeros(sl.stop - sl.start), 0))
+                c += 1
+                m = b1 * m + (1 - b1) * g[sl]
+                v = b2 * v + (1 - b2) * g[sl] ** 2
+                theta[sl] -= alpha * (m / (1 - b1**c)) / (np.sqrt(v / (1 - b2**c)) + eps)
+                state[b] = (m, v, c)
+        prev = active
+    return float(problem.grad_sq(theta[None])[0])
+
+
+@pytest.mark.parametrize("retain", [False, True])
+def test_moments_kept_or_reset_exactly_as_the_trainer(retain):
+    p = make_problem("sensing")
+    res = simulate(p, "uniform", 12, 1, SimConfig(alpha=0.01, T=2, delta=0.4, retain_state=retain),
+                   record_draws=True)
+    assert len({tuple(d) for d in res.draws}) > 1
+    want = _block_adam_reference(p, res.draws, 2, 0.01, retain)
+    np.testing.assert_allclose(res.grad_sq[-1, 0], want, rtol=1e-9)
+    other = simulate(p, "uniform", 12, 1, SimConfig(alpha=0.01, T=2, delta=0.4, retain_state=not retain))
+    assert other.grad_sq[-1, 0] != res.grad_sq[-1, 0]
 
 
 def test_deterministic_and_seed_dependent():
@@ -57,7 +94,7 @@ def test_deterministic_and_seed_dependent():
 @pytest.mark.parametrize("rule", ALL_RULES)
 def test_every_rule_decreases_the_gradient(rule):
     p = make_problem("sensing")
-    cfg = SimConfig(alpha=0.02, T=3, delta=0.4, sigma=0.01, sgd_alpha=0.05, keep_state=rule == "misa")
+    cfg = SimConfig(alpha=0.02, T=3, delta=0.4, sigma=0.01, sgd_alpha=0.05, retain_state=rule == "misa")
     res = simulate(p, rule, 40, 3, cfg)
     assert res.grad_sq.shape == (41, 3) and np.all(np.isfinite(res.grad_sq))
     assert res.grad_sq[-1].mean() < res.grad_sq[0].mean()
@@ -81,6 +118,17 @@ def test_bad_arguments():
         simulate(p, "misa", 0, 1, SimConfig())
     with pytest.raises(ValueError, match="delta"):
         simulate(p, "misa", 2, 1, SimConfig(delta=1.5))
+    with pytest.raises(ValueError, match="n_seeds"):
+        simulate(p, "misa", 2, 0, SimConfig())
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("sigma", float("nan")), ("sigma", -1.0), ("alpha", 0.0), ("alpha", float("inf")), ("sgd_alpha", -0.1),
+    ("T", 0), ("eta", -1.0), ("ema_beta", 1.0), ("beta1", -0.1), ("min_inclusion", 1.5), ("eps", 0.0),
+])
+def test_config_validate_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SimConfig(**{field: value}).validate()
 
 
 def test_rate_fit_recovers_a_known_slope():

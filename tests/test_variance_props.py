@@ -89,7 +89,7 @@ def exact_sampler_case(draw: st.DrawFn) -> tuple[ModuleSampler, np.ndarray]:
     m = draw(st.integers(2, 6))
     n = draw(st.integers(1, 50))
     k = draw(st.integers(1, m - 1))
-    rule = draw(st.sampled_from(["misa", "optimal", "uniform"]))
+    rule = draw(st.sampled_from(["misa_norm", "optimal", "uniform"]))
     a = np.array(draw(st.lists(st.floats(0.01, 100.0), min_size=m, max_size=m)))
     total = m * n
     delta = (k * n + 0.5) / total  # floor(delta * total) = k n exactly, whatever the float rounding
