@@ -63,7 +63,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "abl_ht": {"method": "misa", "delta": 0.03, "rule": "optimal"},
     "abl_unif": {"method": "misa", "delta": 0.03, "rule": "uniform"},
     "abl_layer": {"method": "lisa", "lisa_layers": 1},
-    "abl_misa_rw": {"method": "misa", "delta": 0.03, "rule": "misa", "reweight": True},
+    "abl_norm_rw": {"method": "misa", "delta": 0.03, "rule": "misa_norm", "reweight": True},
     "abl_misa_keep": {"method": "misa", "delta": 0.03, "rule": "misa", "retain_state": True},
 }
 FAMILY = {"full": "full", "lora": "lora", "lisa": "block", "badam": "block", "misa1": "block", "misa3": "block",
@@ -600,7 +600,7 @@ def pretrain_table(d: dict[str, Any]) -> str:
 
 ABL_LABEL = {"abl_misa": "misa (paper: p ∝ exp(min(5, η·G²)))", "abl_norm": "misa_norm (scores / mean)",
              "abl_ht": "optimal (HT-variance optimum)", "abl_unif": "uniform module-wise",
-             "abl_layer": "layer-wise (1 uniform layer)", "abl_misa_rw": "misa + reweight 1/π",
+             "abl_layer": "layer-wise (1 uniform layer)", "abl_norm_rw": "misa_norm + reweight 1/π",
              "abl_misa_keep": "misa + moments kept"}
 
 

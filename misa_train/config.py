@@ -149,6 +149,9 @@ class TrainConfig:
             raise ConfigError(f"depth_bias: must be a finite number, got {self.depth_bias}")
         if self.depth_bias > 0 and self.method != "misa":
             raise ConfigError(f"depth_bias: applies to method misa only, not {self.method}")
+        if self.reweight and self.method == "misa" and self.rule == "misa":
+            raise ConfigError("reweight: rule misa (the authors' draw) has no closed-form inclusion probability "
+                              "to divide by; use --rule misa_norm, optimal or uniform")
         if self.merge_lora and self.method != "lora":
             raise ConfigError(f"merge_lora: applies to method lora only, not {self.method}")
         if self.merge_lora and not self.save_hf:

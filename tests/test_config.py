@@ -124,3 +124,9 @@ def test_resume_compatibility():
         check_resume_compatible(TrainConfig(seed=1), saved, 1, 1)  # the seed picks the data split
     with pytest.raises(ConfigError, match="^resume:.*world size"):
         check_resume_compatible(TrainConfig(), saved, 2, 1)
+
+
+def test_reweight_needs_a_rule_with_inclusion_probabilities():
+    with pytest.raises(ConfigError, match="^reweight: rule misa"):
+        TrainConfig(method="misa", rule="misa", reweight=True).validate()
+    TrainConfig(method="misa", rule="misa_norm", reweight=True).validate()
