@@ -267,17 +267,6 @@ def test_model_within_10_percent_of_every_committed_measurement():
     assert mod.main(["--tol", "10"]) == 0
 
 
-def test_residual_script_uses_the_bench_shapes():
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from misa_train import bench
-
-    mod, _ = _load_residuals()
-    for name, cfg in mod.ARCHS.items():
-        assert {k: bench.ARCHS[name][k] for k in cfg} == cfg, name
-    assert mod.METHODS == bench.METHODS
-
-
 def _cpu_trace():
     """Live CPU bytes over time from the profiler's allocation events (no tensor references taken, so
     autograd's in-place decisions are unchanged); ``mark`` splits the timeline into segments."""
