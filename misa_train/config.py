@@ -56,7 +56,10 @@ class TrainConfig:
     task: str = _f("sft", "sft (loss on responses only) or pretrain (loss on all tokens)", choices=TASKS)
     # how to train
     method: str = _f("misa", "training method", choices=METHODS)
-    rule: str = _f("misa", "module sampling rule for method misa", choices=MODULE_RULES)
+    rule: str = _f("misa_norm", "module sampling rule for method misa: misa_norm (softmax of scores over their "
+                                "mean; the default, chosen by the rule ablation in docs/results.md), misa (the "
+                                "authors' exact rule), optimal (HT-variance optimum), uniform",
+                   choices=MODULE_RULES)
     delta: float = _f(0.03, "trainable-parameter budget per period, fraction of the whole model, in (0, 1]")
     eta: float = _f(1.0, "MISA temperature: sampling weight grows like exp(eta * importance)")
     period: int = _f(20, "T: optimizer steps between two module draws")

@@ -18,7 +18,7 @@ from misa_train.config import (
 
 def test_defaults_validate_and_round_trip(tmp_path):
     cfg = TrainConfig().validate()
-    assert (cfg.method, cfg.rule, cfg.delta, cfg.eta, cfg.period) == ("misa", "misa", 0.03, 1.0, 20)
+    assert (cfg.method, cfg.rule, cfg.delta, cfg.eta, cfg.period) == ("misa", "misa_norm", 0.03, 1.0, 20)
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg.to_dict()))
     assert load_config(path) == cfg
