@@ -21,7 +21,7 @@ Rules
                module is unused; here draws happen when the caller asks (the trainer: once per period).  A
                module counts as used once it was drawn or observed.
 ``misa_norm``  the toolkit's variant: p = softmax(η·G²/mean(G²)) over the modules that fit, inclusion
-               proportional to p under the budget, π_b = clip(μ·p_b, floor, 1), drawn π-exactly.
+               proportional to p under the budget, π_b = clip(μ·p_b, floor, 1).
 ``optimal``    the Horvitz–Thompson-variance optimum π_b = clip(√(G_b²/(λ n_b)), floor, 1) of
                :func:`misa_theory.optimal.optimal_inclusion`: the theory of the reweighted estimator.
 ``uniform``    equal rates for every module.
@@ -29,9 +29,10 @@ Rules
 ``badam``      layer-wise: layers in a cycle through a permutation reshuffled after every pass.
 
 The π rules (all but ``misa`` and ``badam``) turn rates into π under the budget and per-size-class capacities
-and draw with :mod:`misa_theory.budget_draw` (marginals = π up to a documented bias in one class; never over
-the budget).  With ``explore=True`` ``misa_norm`` and ``optimal`` first visit every module once (unvisited
-modules in a random order, packed first-fit) so that no score is trusted before it was observed.
+and draw with :mod:`misa_theory.budget_draw` (never over the budget; marginals = π except in the one size
+class the rounding leaves fractional, which can fall short — measured in docs/sampler.md).  With
+``explore=True`` ``misa_norm`` and ``optimal`` first visit every module once (unvisited modules in a random
+order, packed first-fit) so that no score is trusted before it was observed.
 
 Streams
 -------
