@@ -113,10 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return print_estimate(cfg)
     except ConfigError as e:
         fail(str(e))
-    from misa_train.train import RunStopped, run  # heavy imports only after the input is known good
+    from misa_train.train import RunStopped, run_validated  # heavy imports only after the input is known good
 
     try:
-        summary = run(cfg)
+        summary = run_validated(cfg)
     except ConfigError as e:  # checks that need the model (budget vs module sizes, resume compatibility)
         fail(str(e))
     except RunStopped as e:

@@ -306,7 +306,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     Under torchrun (WORLD_SIZE > 1) every rank runs this; see misa_train/distributed.py.
     Raises ConfigError for bad input (also found after the model loads) and RunStopped (on_nan=stop).
     """
-    cfg = dataclasses.replace(cfg).validate()  # a copy: validation converts field types in place
+    return run_validated(dataclasses.replace(cfg).validate())  # a copy: validation converts types in place
+
+
+def run_validated(cfg: TrainConfig) -> dict[str, Any]:
+    """:func:`run` for a ``cfg`` that :meth:`TrainConfig.validate` (or ``load_config``) has just checked: the
+    CLI validates before torch is imported, so bad input fails fast, and does not validate again here."""
     from misa_train import losses
 
     losses.set_default_backend(cfg.loss_backend)

@@ -94,3 +94,25 @@ def test_unusable_output_dir_is_one_line_exit_2_before_the_model_loads(tmp_path,
     assert ex.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("misa_train: error: output_dir: cannot create the run folder"), lines
+
+
+def test_cli_path_validates_the_config_once(tmp_path, capsys, monkeypatch):
+    from misa_train import models
+    from misa_train.cli import main
+    from misa_train.config import TrainConfig
+
+    calls = []
+    real = TrainConfig.validate
+
+    def counting(self):
+        calls.append(1)
+        return real(self)
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt  # past validation and the run folder: nothing more to check
+
+    monkeypatch.setattr(TrainConfig, "validate", counting)
+    monkeypatch.setattr(models, "load_model", stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--output-dir", str(tmp_path / "run"), "--device", "cpu", "--no-progress"])
+    assert len(calls) == 1
