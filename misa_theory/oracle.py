@@ -29,7 +29,7 @@ quantity is recomputed from θ (never updated incrementally), so nothing drifts.
 N_b through the Gram matrix lose absolute accuracy ≈ 1e-16·(‖G‖² + ‖Cu‖² + Σ_b‖A_b‖²‖κ_b‖²), far below the
 values a run records.
 
-Equal-sized neighbouring modules form a *slab* (``Problem._slabs``; 3 for a transformer layout: q/o, k/v,
+Equal-sized neighbouring modules form a *slab* (``Problem.slab_features``; 3 for a transformer layout: q/o, k/v,
 gate/up/down), and an :class:`Active` set lists its pairs by module, so the pairs of one slab are adjacent and
 each operation above is one batched product per slab on exact sizes: no padding, no per-module Python loop.
 """
@@ -160,10 +160,10 @@ class RobustOracle(GradientOracle):
         # per module, gathered as one row per pair and padded with r zeros to the m+r columns of F_bᵀθ_b:
         # (y_b, 0), (2·s_b/m, 0) (the 2 of φ'(t) = 2t/(1+t²)² folded in) and K_b = [A_bᵀA_b 0; 2·C_bᵀA_b 0]
         self._const = np.zeros((M, 2 * mr + mr * mr))
-        for first, count, size, start, a, a_t, y, w in p._feat:
+        for first, count, size, start, a, a_t, y, w in p.slab_features:
             f_t = np.empty((count, mr, size))
             f_t[:, :m] = a_t
-            f_t[:, m:] = p._c[start:start + count * size].reshape(count, size, r).transpose(0, 2, 1)
+            f_t[:, m:] = p.coupling_features[start:start + count * size].reshape(count, size, r).transpose(0, 2, 1)
             self._slabs.append((first, size, f_t, self.theta[:, start:start + count * size].reshape(S, count, size)))
             const = self._const[first:first + count]
             const[:, :m] = y
@@ -174,7 +174,7 @@ class RobustOracle(GradientOracle):
             const[:, 2 * mr:] = k.reshape(count, -1)
         self._slab_first = np.array([s[0] for s in self._slabs] + [M])
         self._local = np.arange(M) - np.repeat(self._slab_first[:-1], np.diff(self._slab_first))  # index in slab
-        self._q = p._c.T @ p._c
+        self._q = p.coupling_features.T @ p.coupling_features
         self._two_lam = 2.0 * p.coupling / r  # u = λ/r·φ'(t) = (2λ/r)·t/(1+t²)²
         # The cache, row b·S + s for pair (s, b): (κ_b, 0) (m+r) for grad_at, and the statistics
         # T_b = C_bᵀθ_b (r) | A_bᵀG_b (m) | 2·P_b (r) | N_b for grad_sq.  A last module row holds 0 but T = −z
@@ -182,7 +182,7 @@ class RobustOracle(GradientOracle):
         # 2·Σ_b P_b at once (the A_bᵀG_b sums are not read; keeping them lets K_b·κ_b land in place).
         width = 2 * r + m + 1
         self._stats = np.zeros((M + 1, S * width))  # module-major: the sum is one matrix-vector product
-        self._stats.reshape(M + 1, S, width)[M, :, :r] = -p._z
+        self._stats.reshape(M + 1, S, width)[M, :, :r] = -p.coupling_targets
         self._stat_rows = self._stats.reshape((M + 1) * S, width)
         self._kappa = np.zeros(((M + 1) * S, mr))
         self._ones = np.ones(M + 1)

@@ -216,6 +216,22 @@ class RobustFeatures(Problem):
         self._z = 2.0 * rng.standard_normal(r)
         self._x0 = 0.5 * rng.standard_normal(self.n_params)
 
+    @property
+    def slab_features(self) -> list[tuple]:
+        """Per slab (a run of equal-sized modules): (first module, count, size n, first coordinate, A (count, n, m),
+        Aᵀ (count, m, n), y (count, m), s_b/m (count, 1)) of f's module terms; read-only, for exact oracles."""
+        return self._feat
+
+    @property
+    def coupling_features(self) -> np.ndarray:
+        """C (n, r): the coupling term's directions c_j as columns; read-only, for exact oracles."""
+        return self._c
+
+    @property
+    def coupling_targets(self) -> np.ndarray:
+        """z (r,): the coupling term's targets; read-only, for exact oracles."""
+        return self._z
+
     def _residuals(self, theta: np.ndarray):
         s = theta.shape[0]
         for first, count, size, start, a, a_t, y, w in self._feat:
