@@ -63,19 +63,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune-seeds", type=int, default=3, dest="tune_seeds")
     p.add_argument("--heterogeneity", type=_floats, default=[0.0, 1.0, 2.0])
     p.add_argument("--delta", type=_floats, default=[0.03, 0.1, 0.3])
-    p.add_argument("--grid", type=_floats, default=[0.03, 0.1, 0.3, 1.0, 3.0], help="α₀ grid of the Adam-type rules")
-    p.add_argument("--sgd-grid", type=_floats, default=[1.0, 3.0, 10.0, 30.0], dest="sgd_grid",
+    p.add_argument("--grid", type=_floats, default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+                   help="α₀ grid of the Adam-type rules")
+    p.add_argument("--sgd-grid", type=_floats, default=[0.3, 1.0, 3.0, 10.0, 30.0, 100.0], dest="sgd_grid",
                    help="α₀ grid of SGD (the sgd baseline and block SGD)")
     p.add_argument("--tune-metric", choices=METRICS, default="f_final", dest="tune_metric",
                    help="what α₀ minimises; f_final by default, since on this problem a large step can shrink "
                         "‖∇f‖² by saturating the robust loss without lowering f")
-    p.add_argument("--target-frac", type=float, default=0.05, dest="target_frac")
-    p.add_argument("--rate-Ks", type=_floats, default=[10, 100, 1000], dest="rate_Ks")
+    p.add_argument("--target-frac", type=float, default=0.1, dest="target_frac")
+    p.add_argument("--rate-Ks", type=_floats, default=[100, 300, 1000, 3000], dest="rate_Ks",
+                   help="horizons of the rate check (past the first periods' transient)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (results do not depend on it)")
     a = p.parse_args(argv)
     if a.quick:
         a.K, a.seeds, a.tune_seeds, a.heterogeneity, a.delta = 40, 3, 2, [0.0, 2.0], [0.1, 0.3]
-        a.grid, a.sgd_grid, a.rate_Ks = [0.1, 0.3, 1.0], [1.0, 3.0, 10.0], [10, 30, 100]
+        a.grid, a.sgd_grid, a.rate_Ks = [0.1, 0.3, 1.0], [0.1, 0.3, 1.0, 3.0], [10, 30, 100]
     _check(p, a)
     return a
 
@@ -132,14 +134,15 @@ def interval(x: np.ndarray) -> dict[str, float]:
 
 
 def tune(problem: RobustFeatures, rule: str, delta: float, a: argparse.Namespace, K: int | None = None,
-         **extra) -> tuple[float, dict[str, float]]:
-    """(chosen α₀, {α₀: mean tuning metric}) on the tuning seeds; a diverging α₀ scores +∞."""
-    K = K or a.K
+         metric_name: str | None = None, **extra) -> tuple[float, dict[str, float]]:
+    """(chosen α₀, {α₀: mean tuning metric}) on the tuning seeds (K and the metric default to the study's); a
+    diverging α₀ scores +∞."""
+    K, metric_name = K or a.K, metric_name or a.tune_metric
     grid = a.sgd_grid if rule == "sgd" or extra.get("optimizer") == "sgd" else a.grid
     scores = {}
     for alpha0 in grid:
         res = simulate(problem, rule, K, a.tune_seeds, config(rule, alpha0, K, delta, a, **extra), seed=TUNE_SEED)
-        value = float(metric(res, a.tune_metric).mean())
+        value = float(metric(res, metric_name).mean())
         scores[alpha0] = value if np.isfinite(value) else float("inf")
     return min(scores, key=scores.get), scores
 
@@ -174,24 +177,22 @@ def cells(a: argparse.Namespace) -> list[tuple[float, float, str, argparse.Names
     return out
 
 
-def run_all(a: argparse.Namespace) -> list[dict]:
-    """Every cell, in a pool of ``--jobs`` processes when > 1, with a progress bar."""
+def pool_map(fn, items: list, jobs: int, desc: str) -> list:
+    """[fn(x) for x in items], in a pool of ``jobs`` processes when > 1, with a progress bar; order kept."""
     from tqdm import tqdm
 
-    todo = cells(a)
-    with tqdm(total=len(todo), desc="cells", file=sys.stderr, dynamic_ncols=True) as bar:
-        if a.jobs == 1:
-            rows = []
-            for c in todo:
-                rows.append(run_cell(c))
+    out = []
+    with tqdm(total=len(items), desc=desc, file=sys.stderr, dynamic_ncols=True) as bar:
+        if jobs == 1:
+            for x in items:
+                out.append(fn(x))
                 bar.update(1)
-            return rows
-        with ProcessPoolExecutor(max_workers=a.jobs) as pool:
-            rows = []
-            for row in pool.map(run_cell, todo):
-                rows.append(row)
+            return out
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for y in pool.map(fn, items):
+                out.append(y)
                 bar.update(1)
-            return rows
+    return out
 
 
 def environment() -> dict:
@@ -218,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--out: cannot create {a.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    rows = run_all(a)
-    rate = sim_study_rate.rate_section(a, rows, make_problem, tune)
+    rows = pool_map(run_cell, cells(a), a.jobs, "cells")
+    rate = sim_study_rate.rate_section(a, list(RULES), make_problem, tune,
+                                       lambda fn, items: pool_map(fn, items, a.jobs, "rate"))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     problem = make_problem(a.heterogeneity[0], a.quick)
     command = " ".join(["python", "benchmarks/sim_study.py", *(argv if argv is not None else sys.argv[1:])])

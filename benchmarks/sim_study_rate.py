@@ -1,16 +1,18 @@
-"""The rate section of benchmarks/sim_study.py: K-sweeps of every rule at its tuned α₀, and negative controls.
+"""The rate section of benchmarks/sim_study.py: K-sweeps of every rule, and the negative controls.
 
-Each row fits the slope of (1/K)Σ‖∇f(θ_k)‖² against K and asks :func:`misa_theory.convergence.rate_check`
-for a verdict.  Block SGD rows carry the bound of proofs/05 (ρ = 1, R² = G₂² + σ², the problem's L, π_min of the
-uniform rule's π, or 0 for the control that never draws one module); Adam-type rows are checked on the slope
-only (ρ is an assumption for Adam).  Controls: the module with the largest ‖∇_b f(θ₀)‖² excluded (π = 0), a
-constant step α = α₀ (the decay forgotten) and a constant step α = α₀/√K_max (equal to the decayed step at the
-longest horizon only).
+Every rule's α₀ is tuned again for this section, by (1/K)Σ‖∇f‖² at the longest horizon (the quantity the check
+fits), on the tuning seeds.  Each row fits the slope of (1/K)Σ‖∇f(θ_k)‖² against K and asks
+:func:`misa_theory.convergence.rate_check` for a verdict.  Block SGD rows carry the bound of proofs/05 (ρ = 1,
+R² = G₂² + σ², the problem's L, π_min of the uniform rule's π, or 0 for the control that never draws one module);
+Adam-type rows are checked on the slope only (ρ is an assumption for Adam).  Controls: the module with the
+largest ‖∇_b f(θ₀)‖² excluded (π = 0), a constant step α = α₀ (the decay forgotten) and a constant step
+α = α₀/√K_max (equal to the decayed step at the longest horizon only).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import numpy as np
 
@@ -18,72 +20,64 @@ from misa_theory.convergence import proof_bound, proof_constants, rate_check
 from misa_theory.sampler import ModuleSampler
 from misa_theory.simulate import SimConfig, alpha_for, rate_fit, simulate
 
+#: α per horizon K for each schedule, given α₀ and the longest horizon.
+SCHEDULES: dict[str, Callable[[int, float, int], float]] = {
+    "α₀/√K": lambda K, a0, kmax: alpha_for(K, a0),
+    "α₀": lambda K, a0, kmax: a0,
+    "α₀/√K_max": lambda K, a0, kmax: alpha_for(kmax, a0),
+}
 
-def _sweep(problem, rule: str, a: argparse.Namespace, delta: float, step, **extra) -> tuple[list[float], list]:
-    """(1/K)Σ‖∇f‖² per seed at every horizon of ``a.rate_Ks``; ``step(K)`` is the run's α."""
-    ys = []
-    for K in a.rate_Ks:
-        cfg = SimConfig(alpha=step(K), sgd_alpha=step(K), T=a.T, delta=delta, sigma=a.sigma, **extra)
+
+def sweep_row(job: tuple) -> dict:
+    """One row: (1/K)Σ‖∇f‖² per seed at every horizon, the slope fit, the bound (block SGD) and the verdict."""
+    name, kind, rule, alpha0, schedule, extra, pi_min, a, problem = job
+    Ks, ys = a.rate_Ks, []
+    for K in Ks:
+        alpha = SCHEDULES[schedule](K, alpha0, max(Ks))
+        cfg = SimConfig(alpha=alpha, sgd_alpha=alpha, T=a.T, delta=a.rate_delta, sigma=a.sigma, **extra)
         ys.append(simulate(problem, rule, K, a.seeds, cfg, seed=0).avg_grad_sq())
-    return ys
-
-
-def _row(name: str, kind: str, rule: str, alpha0: float, schedule: str, Ks: list[int], ys: list,
-         bounds: list[float] | None) -> dict:
+    bounds = None
+    if pi_min is not None:  # the O(1/√K) claim's bound: the α₀/√K schedule's, whatever schedule the row ran
+        consts = proof_constants(problem, SimConfig(T=a.T, sigma=a.sigma, optimizer="sgd"), pi_min)
+        bounds = [proof_bound(consts, alpha_for(K, alpha0), K) for K in Ks]
     fit = rate_fit(Ks, ys)
     return {"name": name, "kind": kind, "rule": rule, "alpha0": alpha0, "schedule": schedule, "Ks": Ks,
             "y": list(fit.y), "slope": fit.slope, "lo": fit.lo, "hi": fit.hi,
             "bound": None if bounds is None else [float(b) for b in bounds], "verdict": rate_check(fit, bounds)}
 
 
-def _rule_rows(problem, a: argparse.Namespace, rows: list[dict], h: float, delta: float) -> list[dict]:
-    """Every feasible rule of the main table at its tuned α₀ and α = α₀/√K; the sgd baseline with its bound."""
-    out = []
-    for r in rows:
-        if r["heterogeneity"] != h or r["delta"] not in (delta, None) or "n/a" in r:
-            continue
-        rule, alpha0 = r["rule"], r["alpha0"]
-        ys = _sweep(problem, rule, a, delta, lambda K, a0=alpha0: alpha_for(K, a0))
-        bounds = None
-        if rule == "sgd":
-            consts = proof_constants(problem, SimConfig(T=a.T, sigma=a.sigma, optimizer="sgd"), 1.0)
-            bounds = [proof_bound(consts, alpha_for(K, alpha0), K) for K in a.rate_Ks]
-        out.append(_row(rule, "rule", rule, alpha0, "α₀/√K", a.rate_Ks, ys, bounds))
-    return out
-
-
-def _control_rows(problem, a: argparse.Namespace, rows: list[dict], h: float, delta: float, tune) -> list[dict]:
-    """Block SGD uniform (positive, with the bound) and the negative controls, for block SGD and for Adam."""
-    Ks, kmax = a.rate_Ks, max(a.rate_Ks)
+def _rows(problem, a: argparse.Namespace, rules: list[str], alpha0: dict) -> list[tuple]:
+    """Every row's job: the rules at α₀/√K, then block SGD and Adam uniform with their controls."""
     worst = int(np.argmax(problem.module_sq_norms(problem.grad(problem.x0(1)))[0]))
-    pi_min = float(ModuleSampler(problem.sizes, problem.groups, delta=delta, rule="uniform").target_inclusion().min())
-    adam0 = next(r["alpha0"] for r in rows if r["heterogeneity"] == h and r["delta"] == delta
-                 and r["rule"] == "uniform")
-    sgd0, _ = tune(problem, "uniform", delta, a, optimizer="sgd")
-    consts = proof_constants(problem, SimConfig(T=a.T, sigma=a.sigma, optimizer="sgd"), pi_min)
-    claim = [proof_bound(consts, alpha_for(K, sgd0), K) for K in Ks]  # C/√K-type bound of the α₀/√K schedule
-    none = [float("inf")] * len(Ks)
-    out = []
-    for opt, a0, bounds_ok, bounds_pi0 in (("sgd", sgd0, claim, none), ("adam", adam0, None, None)):
+    pi = float(ModuleSampler(problem.sizes, problem.groups, delta=a.rate_delta, rule="uniform")
+               .target_inclusion().min())
+    jobs = [(r, "rule", r, alpha0[r], "α₀/√K", {}, 1.0 if r == "sgd" else None, a, problem) for r in rules]
+    for opt, a0, pi_min in (("sgd", alpha0["block_sgd"], pi), ("adam", alpha0["uniform"], None)):
         label = "block SGD" if opt == "sgd" else "Adam"
-        specs = (("positive", f"uniform ({label})", (), lambda K, x=a0: alpha_for(K, x), "α₀/√K", bounds_ok),
-                 ("control", f"uniform ({label}), module {worst} at π = 0", (worst,),
-                  lambda K, x=a0: alpha_for(K, x), "α₀/√K", bounds_pi0),
-                 ("control", f"uniform ({label}), constant α = α₀", (), lambda K, x=a0: x, "α₀", bounds_ok),
-                 ("control", f"uniform ({label}), constant α = α₀/√K_max", (),
-                  lambda K, x=a0: alpha_for(kmax, x), "α₀/√K_max", bounds_ok))
-        for kind, name, excluded, step, schedule, bounds in specs:
-            ys = _sweep(problem, "uniform", a, delta, step, optimizer=opt, excluded=excluded)
-            out.append(_row(name, kind, "uniform", a0, schedule, Ks, ys, bounds))
-    return out
+        jobs += [(f"uniform ({label})", "positive", "uniform", a0, "α₀/√K", {"optimizer": opt}, pi_min, a, problem),
+                 (f"uniform ({label}), module {worst} at π = 0", "control", "uniform", a0, "α₀/√K",
+                  {"optimizer": opt, "excluded": (worst,)}, None if pi_min is None else 0.0, a, problem)]
+        jobs += [(f"uniform ({label}), constant α = {s}", "control", "uniform", a0, s, {"optimizer": opt}, pi_min, a,
+                  problem) for s in ("α₀", "α₀/√K_max")]
+    return jobs
 
 
-def rate_section(a: argparse.Namespace, rows: list[dict], make_problem, tune) -> dict:
-    """The rate table at the middle heterogeneity and the middle δ of the sweeps (``make_problem(h, quick)`` and
-    ``tune`` are sim_study's)."""
-    h, delta = a.heterogeneity[len(a.heterogeneity) // 2], a.delta[len(a.delta) // 2]
+def tune_job(job: tuple) -> float:
+    """α₀ of one rule for the rate section: the smallest mean (1/K_max)Σ‖∇f‖² on the tuning seeds."""
+    rule, extra, a, problem, tune = job
+    return tune(problem, rule, a.rate_delta, a, K=max(a.rate_Ks), metric_name="avg_grad_sq", **extra)[0]
+
+
+def rate_section(a: argparse.Namespace, rules: list[str], make_problem, tune, pool_map) -> dict:
+    """The rate table at the middle heterogeneity and the middle δ of the sweeps (``make_problem(h, quick)``,
+    ``tune`` and ``pool_map(fn, items)`` are sim_study's)."""
+    h = a.heterogeneity[len(a.heterogeneity) // 2]
+    a.rate_delta = a.delta[len(a.delta) // 2]
     problem = make_problem(h, a.quick)
-    out = _rule_rows(problem, a, rows, h, delta) + _control_rows(problem, a, rows, h, delta, tune)
-    return {"heterogeneity": h, "delta": delta, "Ks": a.rate_Ks, "rows": out,
+    names = rules + ["block_sgd"]
+    tuned = pool_map(tune_job, [(r if r != "block_sgd" else "uniform", {"optimizer": "sgd"} if r == "block_sgd"
+                                 else {}, a, problem, tune) for r in names])
+    rows = pool_map(sweep_row, _rows(problem, a, rules, dict(zip(names, tuned, strict=True))))
+    return {"heterogeneity": h, "delta": a.rate_delta, "Ks": a.rate_Ks, "rows": rows,
             "constants": {"L": problem.smoothness(), "G2": problem.gradient_bound(),
                           "delta0": float(problem.f(problem.x0(1))[0])}}
