@@ -163,8 +163,7 @@ def run_cell(cell: tuple[float, float, str, argparse.Namespace]) -> dict:
     row.update(alpha0=alpha0, grid={str(k): v for k, v in scores.items()},
                **{m: interval(metric(res, m)) for m in METRICS},
                to_target={"target": target, "reached": int(reached.sum()), "seeds": int(hits.size),
-                          "median": float(np.median(hits)) if reached.sum() * 2 > hits.size else None},
-               mean_curve=res.grad_sq.mean(axis=1)[:: max(1, a.K // 100)].tolist())
+                          "median": float(np.median(hits)) if reached.sum() * 2 > hits.size else None})
     return row
 
 

@@ -28,6 +28,30 @@ def _overlaps_best(rows: list[dict], key: str) -> set[str]:
     return {r["rule"] for r in ok if r[key]["lo"] <= best[key]["hi"]}
 
 
+def summary_table(report: dict) -> list[str]:
+    """f(θ_K) (mean over seeds) of every rule in every (h, δ) cell; bold = lowest among the sampled rules."""
+    s = report["settings"]
+    cols = [(h, d) for h in s["heterogeneity"] for d in s["delta"]]
+    rules = list(dict.fromkeys(r["rule"] for r in report["rows"]))
+    value = {(r["rule"], r["heterogeneity"], r["delta"]): r for r in report["rows"]}
+    lines = ["\n**f(θ_K) at the tuned α₀**, mean over seeds (bold: lowest sampled rule of the column; "
+             "intervals in the tables below)\n",
+             "| rule | " + " | ".join(f"h={h:g}, δ={d:g}" for h, d in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    best = {c: min((r["f_final"]["mean"] for r in report["rows"] if (r["heterogeneity"], r["delta"]) == c
+                    and "n/a" not in r), default=None) for c in cols}
+    for rule in rules:
+        cells = []
+        for h, d in cols:
+            r = value.get((rule, h, d)) or value.get((rule, h, None))
+            if r is None or "n/a" in r:
+                cells.append("n/a")
+                continue
+            v = r["f_final"]["mean"]
+            cells.append(f"**{v:.3g}**" if v == best[h, d] and r["delta"] is not None else f"{v:.3g}")
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main_tables(report: dict) -> list[str]:
     """One table per heterogeneity: every δ and rule, tuned α₀, the three quantities, updates to target."""
     s = report["settings"]
@@ -80,7 +104,7 @@ def markdown(report: dict) -> str:
             f"K = {s['K']} block updates of T = {s['T']} steps, σ = {s['sigma']:g}, α = α₀/√K; α₀ tuned per cell "
             f"on {s['tune_seeds']} tuning seeds by {s['tune_metric']} over the grid {s['grid']} (Adam-type) / "
             f"{s['sgd_grid']} (sgd); {s['seeds']} evaluation seeds, 95% t-intervals."]
-    return "\n".join(head + main_tables(report) + rate_table(report)) + "\n"
+    return "\n".join(head + summary_table(report) + main_tables(report) + rate_table(report)) + "\n"
 
 
 def figures(report: dict, out: Path) -> None:
