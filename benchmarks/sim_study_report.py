@@ -138,7 +138,7 @@ def figures(report: dict, out: Path) -> None:
 
 
 def _rate_figure(report: dict, out: Path, plt) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for r in report["rate"]["rows"]:
         style = "--" if r["kind"] == "control" else "-"
         ax.loglog(r["Ks"], r["y"], style, marker="o", ms=3, lw=1, label=f"{r['name']}: {r['verdict']}")
@@ -147,7 +147,7 @@ def _rate_figure(report: dict, out: Path, plt) -> None:
     ax.loglog(Ks, [y0 * (Ks[0] / k) ** 0.5 for k in Ks], "k:", lw=1, label="∝ 1/√K")
     ax.set_xlabel("K (block updates)")
     ax.set_ylabel("(1/K) Σ ‖∇f(θ_k)‖²")
-    ax.legend(fontsize=5)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out / "rate.png", dpi=80)
     plt.close(fig)
