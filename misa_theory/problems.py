@@ -232,6 +232,20 @@ class RobustFeatures(Problem):
         """z (r,): the coupling term's targets; read-only, for exact oracles."""
         return self._z
 
+    def smoothness(self) -> float:
+        """An upper bound of L = sup‖∇²f‖₂: max_b 2 s_b/m ‖A_b‖₂² + 2λ/r ‖C‖₂² (|φ''| ≤ 2, blocks + coupling)."""
+        per_module = max(float((2.0 * w[:, 0] * np.linalg.norm(a, ord=2, axis=(1, 2)) ** 2).max())
+                         for *_, a, _a_t, _y, w in self._feat)
+        return per_module + 2.0 * self.coupling / self.r * float(np.linalg.norm(self._c, ord=2)) ** 2
+
+    def gradient_bound(self) -> float:
+        """An upper bound of sup‖∇f‖: √(Σ_b (s_b/m)² ‖A_b‖₂² m) φ'_max + λ/r ‖C‖₂ √r φ'_max, φ'_max = 9/(8√3)."""
+        dphi_max = 9.0 / (8.0 * np.sqrt(3.0))
+        blocks = sum(float((w[:, 0] ** 2 * np.linalg.norm(a, ord=2, axis=(1, 2)) ** 2).sum()) * self.m
+                     for *_, a, _a_t, _y, w in self._feat)
+        coupling = self.coupling / self.r * float(np.linalg.norm(self._c, ord=2)) * np.sqrt(self.r)
+        return float(dphi_max * (np.sqrt(blocks) + coupling))
+
     def _residuals(self, theta: np.ndarray):
         s = theta.shape[0]
         for first, count, size, start, a, a_t, y, w in self._feat:

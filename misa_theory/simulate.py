@@ -12,13 +12,21 @@ coordinates of B_k only,
 with c the step count of that coordinate's state.  Optimizer state follows the trainer's ``ActiveAdamW``
 (misa_train/optim.py): a module active in two consecutive periods keeps (m, v, c); a module that leaves loses
 them and enters again with zeros and c = 0; with ``retain_state`` a module that leaves keeps them parked and
-gets them back when drawn again.  With ``momentum_flush`` the period ends with
-θ ← θ − α·β₁/(1−β₁)·m̂/(√v̂+ε) on B_k (the paper's flush of the momentum that would otherwise be lost).  Then
+gets them back when drawn again; with ``reset_state`` every period starts every active module from zero state
+(the algorithm of proofs/05_convergence.md).  With ``amsgrad`` the denominator uses the running maximum
+v̄ ← max(v̄, v) of the raw second moment, v̂ = v̄/(1−β₂^c) (torch's ``amsgrad``; v̄ is part of the module's state).
+With ``momentum_flush`` the period ends with θ ← θ − α·β₁/(1−β₁)·m̂/(√v̂+ε) on B_k (the paper's flush of the
+momentum that would otherwise be lost).  ``misa_alg1`` is the paper's Algorithm 1: rule ``misa`` with
+``amsgrad``, ``momentum_flush`` and ``reset_state`` (:data:`VARIANTS`).  ``optimizer="sgd"`` replaces the inner
+Adam steps by SGD steps θ ← θ − α·g_t (block SGD: every constant of proofs/05 is known, ρ = 1).  Then
 the sampler observes (1/T)Σ_t ‖g_{t,b}‖² of the active modules, the *stochastic* squared norms (what the
 trainer sees), and θ_{k+1} = θ_{k,T}.
 
 K is the number of block updates (K·T gradient evaluations); the recorded quantity is ‖∇f(θ_k)‖² for
 k = 0..K (exact gradient).  The rate check uses (1/K)Σ_{k<K}‖∇f(θ_k)‖² and min_{k≤K}‖∇f(θ_k)‖².
+
+``excluded`` modules are taken out of every drawn set (π = 0 for them): the negative control of the rate check,
+whose guarantee needs π_min > 0.
 
 Baselines: ``adam`` is full Adam (every module active, state kept, no flush), ``sgd`` full SGD with step
 α_sgd; each of their block updates is also T steps.
@@ -32,7 +40,7 @@ small δ; the same values up to rounding).  Deterministic under ``seed``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -40,13 +48,17 @@ from .oracle import Active, GradientOracle, make_oracle
 from .problems import Problem
 from .sampler import RULES, ModuleSampler
 
-__all__ = ["ALL_RULES", "BASELINES", "SimConfig", "SimResult", "simulate", "check_run", "run_rules", "alpha_for",
-           "summarize", "rate_fit", "RateFit", "block_updates_to_target"]
+__all__ = ["ALL_RULES", "BASELINES", "VARIANTS", "SimConfig", "SimResult", "simulate", "check_run", "run_rules",
+           "alpha_for", "summarize", "rate_fit", "RateFit", "block_updates_to_target"]
 
 #: Baselines without a sampler.
 BASELINES: tuple[str, ...] = ("adam", "sgd")
-#: Every rule the simulator runs: the sampler's rules, then the full-parameter baselines.
-ALL_RULES: tuple[str, ...] = tuple(RULES) + BASELINES
+#: Named variants: a sampler rule run with fixed optimizer settings (they override the config's).
+VARIANTS: dict[str, tuple[str, dict[str, bool]]] = {
+    "misa_alg1": ("misa", {"amsgrad": True, "momentum_flush": True, "reset_state": True, "retain_state": False}),
+}
+#: Every rule the simulator runs: the sampler's rules, the full-parameter baselines, then the variants.
+ALL_RULES: tuple[str, ...] = tuple(RULES) + BASELINES + tuple(VARIANTS)
 
 
 def alpha_for(K: int, alpha0: float) -> float:
@@ -69,8 +81,11 @@ class SimConfig:
     delta: budget fraction δ ∈ (0, 1]; T: inner steps per block update; sigma: total noise std σ
     (E‖ξ‖² = σ²); eta: η ≥ 0 of ``misa``/``misa_norm``; ema_beta: score EMA β ∈ [0, 1); beta1, beta2, eps:
     Adam's; retain_state: park the moments of modules that leave (the trainer's ``retain_state``);
-    momentum_flush: the paper's end-of-period momentum step; sgd_alpha: step of the ``sgd`` baseline
-    (default = α); min_inclusion: sampler floor on π ∈ [0, 1]; explore: the sampler's ``explore``.
+    reset_state: zero state for every active module at every period (proofs/05); amsgrad: v̂ from the running
+    maximum of v; momentum_flush: the paper's end-of-period momentum step; sgd_alpha: step of the ``sgd``
+    baseline (default = α); min_inclusion: sampler floor on π ∈ [0, 1]; explore: the sampler's ``explore``;
+    optimizer: the sampled rules' inner steps, ``"adam"`` or ``"sgd"``; excluded: module indices never
+    activated (a negative control, π = 0).
     """
 
     alpha: float = 0.01
@@ -83,10 +98,14 @@ class SimConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     retain_state: bool = False
+    reset_state: bool = False
+    amsgrad: bool = False
     momentum_flush: bool = False
     sgd_alpha: float | None = None
     min_inclusion: float = 0.0
     explore: bool = True
+    optimizer: str = "adam"
+    excluded: tuple[int, ...] = ()
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field; the one place the simulator's settings are checked."""
@@ -105,6 +124,12 @@ class SimConfig:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.min_inclusion <= 1.0:
             raise ValueError(f"min_inclusion must lie in [0, 1], got {self.min_inclusion}")
+        if self.retain_state and self.reset_state:
+            raise ValueError("reset_state and retain_state exclude each other")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if any(isinstance(b, bool) or int(b) != b or b < 0 for b in self.excluded):
+            raise ValueError(f"excluded must hold module indices ≥ 0, got {self.excluded!r}")
 
 
 def check_run(rule: str, K: int, n_seeds: int) -> None:
@@ -168,23 +193,28 @@ def simulate(problem: Problem, rule: str, K: int, n_seeds: int, cfg: SimConfig, 
         ValueError: naming a bad argument (:func:`check_run`, :meth:`SimConfig.validate`, the sampler's).
     """
     check_run(rule, K, n_seeds)
+    sampler_rule, cfg = (VARIANTS[rule][0], replace(cfg, **VARIANTS[rule][1])) if rule in VARIANTS else (rule, cfg)
     cfg.validate()
+    if any(b >= problem.n_modules for b in cfg.excluded):
+        raise ValueError(f"excluded must hold module indices < {problem.n_modules}, got {cfg.excluded!r}")
     sampler = None
     if rule not in BASELINES:
-        sampler = ModuleSampler(problem.sizes, problem.groups, delta=cfg.delta, rule=rule, seed=seed * 1000,
+        sampler = ModuleSampler(problem.sizes, problem.groups, delta=cfg.delta, rule=sampler_rule, seed=seed * 1000,
                                 eta=cfg.eta, ema_beta=cfg.ema_beta, min_inclusion=cfg.min_inclusion,
                                 explore=cfg.explore, streams=n_seeds)
     state = _init_state(problem, rule, n_seeds, cfg, seed, sampler)
     grad_sq = np.empty((K + 1, n_seeds))
     counts = np.zeros((n_seeds, problem.n_modules), dtype=np.int64)
     draws: list[np.ndarray] = []
-    record_pi = record_draws and sampler is not None and rule != "misa"
+    record_pi = record_draws and sampler is not None and sampler_rule != "misa"
     target_pi = np.empty((K, problem.n_modules)) if record_pi else None
     grad_sq[0] = state.oracle.grad_sq()
     for k in range(K):
         if target_pi is not None:
             target_pi[k] = sampler.target_inclusion()[0]
         mask = state.all_on if sampler is None else sampler.draw_mask()
+        if cfg.excluded:
+            mask[:, list(cfg.excluded)] = False
         sq = _period(state, mask, cfg)
         if sampler is not None:
             sampler.observe_mask(mask, sq)
@@ -208,12 +238,15 @@ class _State:
     step: float  # α (sgd: α_sgd)
     sgd: bool
     retain: bool  # park the moments of modules that leave
+    reset: bool  # zero state at every period
+    amsgrad: bool
     flush: bool
     all_on: np.ndarray  # (S, M) all True: the baselines' active set
     m: np.ndarray  # (S·n,) first moments; read only where a module kept its state
     v: np.ndarray  # (S·n,) second moments
     b1c: np.ndarray  # (S·n,) β₁^c, c the Adam step count per coordinate
     b2c: np.ndarray  # (S·n,) β₂^c
+    vmax: np.ndarray  # (S·n,) running maximum of v (amsgrad)
     prev: np.ndarray  # (S, M) the previous period's active set
 
 
@@ -223,14 +256,15 @@ def _init_state(problem: Problem, rule: str, S: int, cfg: SimConfig, seed: int,
     n, M = problem.n_params, problem.n_modules
     full = sampler is None
     oracle = make_oracle(problem, problem.x0(S), active_fraction=1.0 if full else cfg.delta)
-    sgd = rule == "sgd"
-    step = cfg.sgd_alpha if sgd and cfg.sgd_alpha is not None else cfg.alpha
+    sgd = rule == "sgd" or (not full and cfg.optimizer == "sgd")
+    step = cfg.sgd_alpha if rule == "sgd" and cfg.sgd_alpha is not None else cfg.alpha
     rng = np.random.Generator(np.random.SFC64([seed, ALL_RULES.index(rule)]))
     noise_std = cfg.sigma * problem.noise_std if cfg.sigma > 0 else None
     return _State(problem=problem, oracle=oracle, rng=rng, noise_std=noise_std, step=float(step), sgd=sgd,
-                  retain=cfg.retain_state or rule == "adam", flush=cfg.momentum_flush and not full,
+                  retain=cfg.retain_state or rule == "adam", reset=cfg.reset_state and not full,
+                  amsgrad=cfg.amsgrad, flush=cfg.momentum_flush and not full,
                   all_on=np.ones((S, M), dtype=bool), m=np.zeros(S * n), v=np.zeros(S * n), b1c=np.ones(S * n),
-                  b2c=np.ones(S * n), prev=np.zeros((S, M), dtype=bool))
+                  b2c=np.ones(S * n), vmax=np.zeros(S * n if cfg.amsgrad else 0), prev=np.zeros((S, M), dtype=bool))
 
 
 def _noise_for(state: _State, active: Active) -> np.ndarray | None:
@@ -246,6 +280,8 @@ def _period(state: _State, mask: np.ndarray, cfg: SimConfig) -> np.ndarray:
     active = Active.from_mask(mask, p.sizes, p.offsets[:-1], p.n_params)
     sq = np.zeros(mask.shape)
     kept = mask if state.retain else mask & state.prev
+    if state.reset:
+        kept = np.zeros_like(mask)
     state.prev = mask.copy()
     if active.size == 0:
         return sq
@@ -253,6 +289,8 @@ def _period(state: _State, mask: np.ndarray, cfg: SimConfig) -> np.ndarray:
         # the trainer's ActiveAdamW: a module keeps (m, v, c) if it stayed active (or with retain_state)
         fresh = active.idx[~np.repeat(kept[active.seed, active.module], active.lens)]
         state.m[fresh], state.v[fresh], state.b1c[fresh], state.b2c[fresh] = 0.0, 0.0, 1.0, 1.0
+        if state.amsgrad:
+            state.vmax[fresh] = 0.0
     sq[active.seed, active.module] = _inner_steps(state, active, cfg) / cfg.T
     return sq
 
@@ -261,6 +299,7 @@ def _inner_steps(state: _State, active: Active, cfg: SimConfig) -> np.ndarray:
     """T steps of Adam (or SGD) on the active coordinates; returns Σ_t ‖g_{t,b}‖² per active pair."""
     idx, noise = active.idx, _noise_for(state, active)
     m, v, b1c, b2c = state.m[idx], state.v[idx], state.b1c[idx], state.b2c[idx]
+    vbar = state.vmax[idx] if state.amsgrad else v  # the v the denominator uses
     g = np.empty(active.size)
     sq = np.zeros(active.lens.size)
     for _ in range(cfg.T):
@@ -274,12 +313,15 @@ def _inner_steps(state: _State, active: Active, cfg: SimConfig) -> np.ndarray:
         m = cfg.beta1 * m + (1.0 - cfg.beta1) * g
         v = cfg.beta2 * v + (1.0 - cfg.beta2) * g * g
         b1c, b2c = b1c * cfg.beta1, b2c * cfg.beta2
-        state.oracle.step(active, _adam_direction(m, v, b1c, b2c, cfg.eps, state.step))
+        vbar = np.maximum(vbar, v) if state.amsgrad else v
+        state.oracle.step(active, _adam_direction(m, vbar, b1c, b2c, cfg.eps, state.step))
     if not state.sgd:
         if state.flush:  # the momentum that would otherwise be lost, in one step
-            state.oracle.step(active, _adam_direction(m, v, b1c, b2c, cfg.eps,
+            state.oracle.step(active, _adam_direction(m, vbar, b1c, b2c, cfg.eps,
                                                       state.step * cfg.beta1 / (1.0 - cfg.beta1)))
         state.m[idx], state.v[idx], state.b1c[idx], state.b2c[idx] = m, v, b1c, b2c
+        if state.amsgrad:
+            state.vmax[idx] = vbar
     return sq
 
 

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from misa_theory.problems import make_problem
-from misa_theory.simulate import ALL_RULES, SimConfig, block_updates_to_target, rate_fit, simulate, summarize
+from misa_theory.convergence import proof_bound, proof_constants, rate_check
+from misa_theory.problems import RobustFeatures, make_problem
+from misa_theory.sampler import ModuleSampler
+from misa_theory.simulate import (
+    ALL_RULES,
+    SimConfig,
+    alpha_for,
+    block_updates_to_target,
+    rate_fit,
+    simulate,
+    summarize,
+)
 
 
 def _adam_reference(problem, steps: int, T: int, alpha: float, reset: bool, b1=0.9, b2=0.999, eps=1e-8):
@@ -44,40 +56,53 @@ def test_full_budget_block_adam_keeps_moments_as_the_trainer_does():
         np.testing.assert_allclose(res.grad_sq[:, 0], ref, rtol=1e-10)
 
 
-def _block_adam_reference(problem, draws, T, alpha, retain, b1=0.9, b2=0.999, eps=1e-8):
+def _block_adam_reference(problem, draws, T, alpha, retain, b1=0.9, b2=0.999, eps=1e-8, alg1=False):
     """One seed of block Adam on the given active sets, moments per module as misa_train's ActiveAdamW keeps them:
-    a module that stays keeps (m, v, c); one that leaves loses them unless ``retain``."""
+    a module that stays keeps (m, v, c); one that leaves loses them unless ``retain``.  ``alg1``: the paper's
+    Algorithm 1 instead: zero state every period, v̂ from max(v̄, v), and the momentum flush at the period's end."""
     theta = problem.x0(1)[0].copy()
     state: dict[int, tuple] = {}
     prev: set[int] = set()
     for active in draws:
         active = set(active.tolist())
-        if not retain:
+        if alg1:
+            state = {}
+        elif not retain:
             state = {b: st for b, st in state.items() if b in prev}
         for _ in range(T):
             g = problem.grad(theta[None])[0]
             for b in sorted(active):
                 sl = slice(problem.offsets[b], problem.offsets[b + 1])
-                m, v, c = state.get(b, (np.zeros(sl.stop - sl.start), np.zeros(sl.stop - sl.start), 0))
+                zero = np.zeros(sl.stop - sl.start)
+                m, v, vbar, c = state.get(b, (zero, zero, zero, 0))
                 c += 1
                 m = b1 * m + (1 - b1) * g[sl]
                 v = b2 * v + (1 - b2) * g[sl] ** 2
-                theta[sl] -= alpha * (m / (1 - b1**c)) / (np.sqrt(v / (1 - b2**c)) + eps)
-                state[b] = (m, v, c)
+                vbar = np.maximum(vbar, v) if alg1 else v
+                theta[sl] -= alpha * (m / (1 - b1**c)) / (np.sqrt(vbar / (1 - b2**c)) + eps)
+                state[b] = (m, v, vbar, c)
+        for b in sorted(active) if alg1 else ():
+            m, _, vbar, c = state[b]
+            sl = slice(problem.offsets[b], problem.offsets[b + 1])
+            theta[sl] -= alpha * b1 / (1 - b1) * (m / (1 - b1**c)) / (np.sqrt(vbar / (1 - b2**c)) + eps)
         prev = active
     return float(problem.grad_sq(theta[None])[0])
 
 
-@pytest.mark.parametrize("retain", [False, True])
-def test_moments_kept_or_reset_exactly_as_the_trainer(retain):
-    p = make_problem("sensing")
-    res = simulate(p, "uniform", 12, 1, SimConfig(alpha=0.01, T=2, delta=0.4, retain_state=retain),
-                   record_draws=True)
-    assert len({tuple(d) for d in res.draws}) > 1
-    want = _block_adam_reference(p, res.draws, 2, 0.01, retain)
+@pytest.mark.parametrize("beta2", [0.999, 0.5])
+def test_misa_alg1_is_the_papers_algorithm_1(beta2):
+    """misa_alg1 = the misa draw, then fresh AMSGrad-type Adam state every period and the momentum flush."""
+    p = make_problem("robust", n_layers=2)
+    cfg = SimConfig(alpha=0.02, T=3, delta=0.3, beta2=beta2, retain_state=True)  # the variant overrides retain
+    res = simulate(p, "misa_alg1", 10, 1, cfg, record_draws=True)
+    want = _block_adam_reference(p, res.draws, 3, 0.02, retain=False, b2=beta2, alg1=True)
     np.testing.assert_allclose(res.grad_sq[-1, 0], want, rtol=1e-9)
-    other = simulate(p, "uniform", 12, 1, SimConfig(alpha=0.01, T=2, delta=0.4, retain_state=not retain))
-    assert other.grad_sq[-1, 0] != res.grad_sq[-1, 0]
+    plain = simulate(p, "misa", 10, 1, cfg, record_draws=True)
+    assert [d.tolist() for d in plain.draws] == [d.tolist() for d in res.draws]  # same draws, other optimizer
+    assert plain.grad_sq[-1, 0] != res.grad_sq[-1, 0]
+    if beta2 == 0.5:  # v shrinks inside a period here, so the maximum binds
+        no_max = replace(cfg, retain_state=False, reset_state=True, momentum_flush=True)
+        assert simulate(p, "misa", 10, 1, no_max).grad_sq[-1, 0] != res.grad_sq[-1, 0]
 
 
 def test_deterministic_and_seed_dependent():
@@ -125,6 +150,7 @@ def test_bad_arguments():
 @pytest.mark.parametrize(("field", "value"), [
     ("sigma", float("nan")), ("sigma", -1.0), ("alpha", 0.0), ("alpha", float("inf")), ("sgd_alpha", -0.1),
     ("T", 0), ("eta", -1.0), ("ema_beta", 1.0), ("beta1", -0.1), ("min_inclusion", 1.5), ("eps", 0.0),
+    ("optimizer", "lion"), ("excluded", (-1,)),
 ])
 def test_config_validate_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -147,3 +173,90 @@ def test_rate_fit_recovers_a_known_slope():
 def test_block_updates_to_target():
     g = np.array([[5.0, 5.0], [2.0, 4.0], [0.5, 3.0]])
     np.testing.assert_array_equal(block_updates_to_target(g, 1.0), [2, 3])
+
+
+# --- the rate check of misa_theory.convergence: positive runs pass, negative controls fail -------------------
+RATE_KS = [10, 100, 1000]
+
+
+def _rate_run(rule="uniform", alpha0=1.0, schedule="decay", optimizer="adam", excluded=(), pi_min=None):
+    """rate_check of a K-sweep on a small robust problem (5 seeds, T = 2, δ = 0.25, σ = 0.3); ``pi_min`` set
+    adds the proof's bound of the α₀/√K schedule (block SGD)."""
+    p = RobustFeatures(n_layers=2)
+    ys, bounds = [], []
+    for K in RATE_KS:
+        alpha = alpha_for(K, alpha0) if schedule == "decay" else alpha0
+        cfg = SimConfig(alpha=alpha, sgd_alpha=alpha, T=2, delta=0.25, sigma=0.3, optimizer=optimizer,
+                        excluded=excluded)
+        ys.append(simulate(p, rule, K, 5, cfg).avg_grad_sq())
+        if pi_min is not None:
+            bounds.append(proof_bound(proof_constants(p, replace(cfg, optimizer="sgd"), pi_min),
+                                      alpha_for(K, alpha0), K))
+    return rate_check(rate_fit(RATE_KS, ys), bounds if pi_min is not None else None)
+
+
+def _uniform_pi_min(p, delta=0.25):
+    return float(ModuleSampler(p.sizes, p.groups, delta=delta, rule="uniform").target_inclusion().min())
+
+
+@pytest.mark.slow
+def test_rate_check_passes_the_theorems_runs():
+    """α = α₀/√K, every module reachable: block SGD (slope and the proof's bound) and block/full Adam pass."""
+    pi = _uniform_pi_min(RobustFeatures(n_layers=2))
+    assert _rate_run(alpha0=10.0, optimizer="sgd", pi_min=pi) == "pass"
+    assert _rate_run(alpha0=1.0) == "pass"
+    assert _rate_run(rule="adam", alpha0=1.0) == "pass"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("optimizer", "alpha0"), [("sgd", 10.0), ("adam", 1.0)])
+def test_rate_check_fails_a_module_never_drawn(optimizer, alpha0):
+    """(a) the module with the largest gradient at π = 0: a gradient floor, the slope flattens (and for block SGD
+    the proof's bound is +∞: the theorem promises nothing)."""
+    p = RobustFeatures(n_layers=2)
+    worst = int(np.argmax(p.module_sq_norms(p.grad(p.x0(1)))[0]))
+    pi = 0.0 if optimizer == "sgd" else None
+    assert _rate_run(alpha0=alpha0, optimizer=optimizer, excluded=(worst,), pi_min=pi) == "fail"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("optimizer", "alpha0"), [("sgd", 10.0), ("adam", 1.0)])
+def test_rate_check_fails_a_constant_step(optimizer, alpha0):
+    """(b) α = α₀ at every horizon (the 1/√K decay forgotten): the noise keeps (1/K)Σ‖∇f‖² from falling."""
+    pi = _uniform_pi_min(RobustFeatures(n_layers=2)) if optimizer == "sgd" else None
+    assert _rate_run(alpha0=alpha0, schedule="constant", optimizer=optimizer, pi_min=pi) == "fail"
+
+
+def _fit(y, Ks=(10, 100, 1000)):
+    return rate_fit(list(Ks), [np.full(4, v) * np.exp(0.01 * np.arange(4)) for v in y])
+
+
+def test_rate_check_verdicts():
+    """Slope interval reaching −1/2 and mean under a finite bound at every horizon → pass; anything else fails."""
+    y = [1.0, 10**-0.5, 0.1]  # slope −1/2
+    assert rate_check(_fit(y)) == "pass"
+    assert rate_check(_fit(y), [2.0, 1.0, 0.5]) == "pass"
+    assert rate_check(_fit(y), [2.0, 1.0, 0.05]) == "fail"  # over the proof's bound at K = 1000
+    assert rate_check(_fit(y), [np.inf] * 3) == "fail"  # π_min = 0: no guarantee
+    assert rate_check(_fit([1.0, 0.8, 0.7])) == "fail"  # a floor
+    with pytest.raises(ValueError, match="bounds"):
+        rate_check(_fit(y), [1.0, 1.0])
+
+
+def test_proof_constants_are_bounds_of_the_problem():
+    """L and sup‖∇f‖ of RobustFeatures bound what random points and Hessian power iterations show."""
+    p = RobustFeatures(n_layers=2)
+    rng = np.random.default_rng(0)
+    theta = 3.0 * rng.standard_normal((100, p.n_params))
+    assert np.sqrt(p.grad_sq(theta)).max() <= p.gradient_bound()
+    for x in theta[:3]:
+        v = rng.standard_normal(p.n_params)
+        for _ in range(30):  # power iteration on finite-difference Hessian-vector products
+            hv = (p.grad((x + 1e-5 * v)[None]) - p.grad((x - 1e-5 * v)[None]))[0] / 2e-5
+            lam, v = np.linalg.norm(hv) / np.linalg.norm(v), hv / np.linalg.norm(hv)
+        assert lam <= p.smoothness()
+    c = proof_constants(p, SimConfig(T=2, sigma=0.3, optimizer="sgd"), 0.25)
+    assert c.R2 == pytest.approx(p.gradient_bound() ** 2 + 0.09) and c.rho == 1.0
+    assert proof_bound(replace(c, pi_min=0.0), 0.1, 10) == np.inf
+    with pytest.raises(ValueError, match="optimizer"):
+        proof_constants(p, SimConfig(), 0.25)
