@@ -369,39 +369,49 @@ def load_norms(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str
     return sizes_a.astype(np.int64), layers_a.astype(np.int64), norms_a.astype(float), names
 
 
-def variance_table(sq_norms: np.ndarray, sizes: np.ndarray, layers: np.ndarray, delta: float,
-                   etas: list[float]) -> dict[str, float | None]:
-    """Σ_b a_b(1/π_b − 1) for the five designs at budget ⌊δ·Σn_b⌋ (inf where a module with a_b>0 has π=0).
+def design_inclusions(sq_norms: np.ndarray, sizes: np.ndarray, layers: np.ndarray, delta: float,
+                      etas: list[float]) -> dict[str, np.ndarray | None]:
+    """π (B,) of each design at budget ⌊δ·Σn_b⌋; None for layer-wise designs when no whole layer fits.
 
-    Designs: uniform / optimal layer-wise, uniform / optimal module-wise, and the paper's softmax
-    π ∝ softmax(η·a/mean a) capped at 1 (one entry per η).  Values are in units of a (squared norm).  The
-    layer-wise designs are None when the budget is smaller than the largest layer (no whole layer fits).
+    Designs: uniform / deficit-optimal (greedy by a/n) / HT-variance-optimal (water-filling), each layer-wise
+    and module-wise, and the paper's softmax π ∝ softmax(η·a/mean a) capped at 1 (one entry per η).
     """
-    from .optimal import kl_softmax, optimal_inclusion, proportional_inclusion
+    from .optimal import deficit_optimal_inclusion, kl_softmax, optimal_inclusion, proportional_inclusion
 
     budget = float(np.floor(delta * sizes.sum()))
     gid = np.unique(layers, return_inverse=True)[1]
     layer_sizes = np.bincount(gid, sizes).astype(float)
     n = sizes.astype(float)
+    fit = budget >= layer_sizes.max()
+    out: dict[str, np.ndarray | None] = {
+        "uniform layer-wise": proportional_inclusion(np.ones(layer_sizes.size), layer_sizes, budget)[gid]
+        if fit else None,
+        "deficit-optimal layer-wise": deficit_optimal_inclusion(sq_norms, n, budget, groups=gid) if fit else None,
+        "optimal layer-wise": optimal_inclusion(sq_norms, n, budget, groups=gid) if fit else None,
+        "uniform module-wise": proportional_inclusion(np.ones(n.size), n, budget),
+        "deficit-optimal module-wise": deficit_optimal_inclusion(sq_norms, n, budget),
+        "optimal module-wise": optimal_inclusion(sq_norms, n, budget),
+    }
+    mean = sq_norms.mean() if sq_norms.mean() > 0 else 1.0
+    for eta in etas:
+        out[f"paper softmax η={eta:g}"] = proportional_inclusion(kl_softmax(sq_norms / mean, eta), n, budget)
+    return out
 
-    def var(pi: np.ndarray) -> float:
-        live = sq_norms > 0
+
+def variance_table(sq_norms: np.ndarray, sizes: np.ndarray, layers: np.ndarray, delta: float,
+                   etas: list[float]) -> dict[str, dict[str, float] | None]:
+    """Per design of :func:`design_inclusions`: the deficit D = Σ_b a_b(1 − π_b) the trainer's unweighted
+    update leaves behind, and the HT variance Σ_b a_b(1/π_b − 1) of the reweighted variant (inf where a
+    module with a_b > 0 has π = 0); in units of a (squared norm); None where the design is unavailable."""
+    live = sq_norms > 0
+
+    def variance(pi: np.ndarray) -> float:
         if np.any(pi[live] <= 0):
             return float("inf")
         return float(np.sum(sq_norms[live] * (1.0 / pi[live] - 1.0)))
 
-    layers_fit = budget >= layer_sizes.max()
-    out: dict[str, float | None] = {
-        "uniform layer-wise": var(proportional_inclusion(np.ones(layer_sizes.size), layer_sizes, budget)[gid])
-        if layers_fit else None,
-        "optimal layer-wise": var(optimal_inclusion(sq_norms, n, budget, groups=gid)) if layers_fit else None,
-        "uniform module-wise": var(proportional_inclusion(np.ones(n.size), n, budget)),
-        "optimal module-wise": var(optimal_inclusion(sq_norms, n, budget)),
-    }
-    mean = sq_norms.mean() if sq_norms.mean() > 0 else 1.0
-    for eta in etas:
-        out[f"paper softmax η={eta:g}"] = var(proportional_inclusion(kl_softmax(sq_norms / mean, eta), n, budget))
-    return out
+    return {name: None if pi is None else {"deficit": float(np.sum(sq_norms * (1.0 - pi))), "variance": variance(pi)}
+            for name, pi in design_inclusions(sq_norms, sizes, layers, delta, etas).items()}
 
 
 def cmd_variance(args: argparse.Namespace) -> int:
@@ -437,17 +447,19 @@ def cmd_variance(args: argparse.Namespace) -> int:
     table = variance_table(norms, sizes, layers, args.delta, etas)
     total = float(norms.sum())
     if args.json:
-        print(json.dumps({"source": source, "delta": args.delta, "budget": budget, "sum_sq_norms": total,
-                          "variance": table}, indent=2))
+        pick = {key: {k: None if v is None else v[key] for k, v in table.items()} for key in ("deficit", "variance")}
+        print(json.dumps({"source": source, "delta": args.delta, "budget": budget, "sum_sq_norms": total, **pick},
+                         indent=2))
         return 0
     print(f"{source}: {sizes.size} modules, {gid.max() + 1} layers, {int(sizes.sum()):,} parameters, "
           f"δ={args.delta:g} (budget {budget:,})")
-    print(f"{'design':>26} {'E‖ĝ−g‖²':>12} {'/ ‖g‖²':>9}")
+    print(f"{'design':>28} {'deficit D/‖g‖²':>15} {'HT variance (reweighted)/‖g‖²':>30}")
+    scale = total if total > 0 else float("nan")
     for name, val in table.items():
         if val is None:
-            print(f"{name:>26} {'n/a':>12} {'':>9}  (no whole layer fits the budget)")
+            print(f"{name:>28} {'n/a':>15} {'n/a':>30}  (no whole layer fits the budget)")
         else:
-            print(f"{name:>26} {val:>12.4g} {val / total if total > 0 else float('nan'):>9.3f}")
+            print(f"{name:>28} {val['deficit'] / scale:>15.3f} {val['variance'] / scale:>30.4g}")
     return 0
 
 

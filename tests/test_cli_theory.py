@@ -45,16 +45,22 @@ def test_variance_toy_and_norms_file(tmp_path):
     r = run("variance", "--toy", "llama3-8b", "--delta", "0.1")
     assert r.returncode == 0, r.stderr
     for name in ("uniform layer-wise", "optimal layer-wise", "uniform module-wise", "optimal module-wise",
-                 "paper softmax"):
+                 "deficit-optimal module-wise", "deficit-optimal layer-wise", "paper softmax", "deficit D"):
         assert name in r.stdout
     f = tmp_path / "importance.json"
     f.write_text(json.dumps({"modules": [{"name": f"m{i}", "size": 10 + i % 3, "layer": i // 3,
                                           "sq_norm": float(1 + i)} for i in range(12)]}))
     r = run("variance", "--norms", str(f), "--delta", "0.5", "--json")
     assert r.returncode == 0, r.stderr
-    v = json.loads(r.stdout)["variance"]
+    out = json.loads(r.stdout)
+    v = out["variance"]
     assert v["optimal module-wise"] <= v["optimal layer-wise"] + 1e-9
     assert v["optimal module-wise"] <= v["uniform module-wise"] + 1e-9
+    d = out["deficit"]  # the trainer's account: module-wise ≤ layer-wise ≤ uniform, the greedy optimum lowest
+    assert d["deficit-optimal module-wise"] <= d["deficit-optimal layer-wise"] + 1e-9
+    assert d["deficit-optimal layer-wise"] <= d["uniform layer-wise"] + 1e-9
+    assert all(d["deficit-optimal module-wise"] <= x + 1e-9 for x in d.values())
+    assert 0.0 <= d["deficit-optimal module-wise"] <= out["sum_sq_norms"]
 
 
 @pytest.mark.parametrize("args, needle", [
