@@ -8,7 +8,7 @@ import torch
 from misa_train import checkpoint as ck
 from misa_train.report import read_metrics
 from misa_train.train import run
-from tests.trainer_helpers import make_data_file, make_model_dir, tiny_config
+from tests.trainer_helpers import tiny_config
 
 
 def _save(run_dir, step, model, keep_last=2, hook=None):
@@ -91,12 +91,6 @@ def test_weights_and_rng_round_trip(tmp_path):
     ck.set_rng_state(trainer_state["rng"])
     assert torch.equal(torch.rand(3), expected)
     assert ck.read_meta(path)["step"] == 7
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_model_dir(root / "model"), make_data_file(root / "data.jsonl")
 
 
 def _losses(run_dir):

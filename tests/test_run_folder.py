@@ -4,7 +4,6 @@ are skipped for the newest intact one (and said so), and every refusal is one li
 from __future__ import annotations
 
 import pytest
-import torch
 
 from misa_train import checkpoint as ck
 from misa_train.cli import main
@@ -12,23 +11,12 @@ from misa_train.config import ConfigError
 from misa_train.report import read_metrics
 from misa_train.run_folder import holds_run
 from misa_train.train import run
-from tests.trainer_helpers import cli_args, make_data_file, make_model_dir, tiny_config
+from tests.trainer_helpers import cli_args, tiny_config
 
 FAST = dict(eval_every=0, gen_eval_examples=0, keep_last=5)
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_model_dir(root / "model"), make_data_file(root / "data.jsonl")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _losses(run_dir):

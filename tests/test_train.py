@@ -11,22 +11,9 @@ import torch
 from misa_train.config import ConfigError, TrainConfig
 from misa_train.report import read_metrics
 from misa_train.train import RunStopped, lr_at, run
-from tests.trainer_helpers import make_data_file, make_model_dir, tiny_config
+from tests.trainer_helpers import tiny_config
 
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_model_dir(root / "model"), make_data_file(root / "data.jsonl")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two cores shared with other jobs: oversubscribed threads make tiny steps 10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("method", ["misa", "lisa", "badam", "full", "lora"])
