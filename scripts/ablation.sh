@@ -17,27 +17,15 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="/root/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+source scripts/smollm2_stage.sh
 case "${1:-}" in
   stage1)
-    mkdir -p /root/stage
-    cp .gguf1/part_aa /root/stage/
-    "$PY" -m pip install -q --no-index --no-deps --target /root/site .whl/*.whl
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    stage_first_half
     ;;
   stage2)
-    if [ ! -f /root/stage/part_aa ] || [ ! -d /root/site/gguf ]; then
-      echo "machine went cold (no /root/stage/part_aa or /root/site/gguf): run stage1 again" >&2
-      exit 3
-    fi
-    if [ ! -f /root/smollm2/config.json ]; then
-      cp .gguf2/part_ab /root/stage/
-      cat /root/stage/part_aa /root/stage/part_ab > "/root/stage/$GGUF"
-      echo "$(cat .gguf2/sha256)  /root/stage/$GGUF" | sha256sum -c
-    fi
+    join_and_convert
     "$PY" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers",
       transformers.__version__, "peft", peft.__version__, torch.cuda.get_device_name(0))'
-    [ -f /root/smollm2/config.json ] || "$PY" benchmarks/quality.py convert --gguf "/root/stage/$GGUF" --out /root/smollm2
     "$PY" benchmarks/quality.py grid --model /root/smollm2 --train .data_abl/train.jsonl --test .data_abl/test.jsonl \
       --work /root/abl --out "$OUT/ablation.json" --methods "${ABL_METHODS:?}" --seeds "${ABL_SEEDS:-0,1,2}" \
       --n-lr 1 --lrs "${ABL_LRS:?}" --steps "${ABL_STEPS:-1000}" --batch 16 --seq 128 --warmup 30 --period 5 \

@@ -20,14 +20,11 @@ SNAP=""
 [ -d .qsnap/misa_train ] && SNAP="$PWD/.qsnap"
 export PYTHONPATH="${SNAP:+$SNAP:}/root/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+source scripts/smollm2_stage.sh
 
 case "${1:-}" in
   stage1)
-    mkdir -p /root/stage
-    cp .gguf1/part_aa /root/stage/
-    "$PY" -m pip install -q --no-index --no-deps --target /root/site .whl/*.whl
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    stage_first_half
     "$PY" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers",
       transformers.__version__, "peft", peft.__version__, "cuda", torch.cuda.is_available())'
     "$PY" benchmarks/quality.py make-tiny --out /root/tiny --seeds 0,1 --layers 6 --hidden 384 \
@@ -38,14 +35,7 @@ case "${1:-}" in
       --smoke-sft-train .data/smoke_train.jsonl --smoke-sft-test .data/smoke_test.jsonl
     ;;
   stage2)
-    if [ ! -f /root/stage/part_aa ] || [ ! -d /root/site/gguf ]; then
-      echo "machine went cold (no /root/stage/part_aa or /root/site/gguf): run stage1 again" >&2
-      exit 3
-    fi
-    cp .gguf2/part_ab /root/stage/
-    cat /root/stage/part_aa /root/stage/part_ab > "/root/stage/$GGUF"
-    echo "$(cat .gguf2/sha256)  /root/stage/$GGUF" | sha256sum -c
-    [ -f /root/smollm2/config.json ] || "$PY" benchmarks/quality.py convert --gguf "/root/stage/$GGUF" --out /root/smollm2
+    join_and_convert
     "$PY" benchmarks/quality.py grid --model /root/smollm2 --train .data/train.jsonl --test .data/test.jsonl \
       --work /root/qsft --out "$OUT/quality_sft.json" --seeds 0,1 --steps "${SFT_STEPS:-300}" \
       --workers "${SFT_WORKERS:-4}" --deadline "${SFT_DEADLINE:-460}" --hard "${SFT_HARD:-505}" --est 90
