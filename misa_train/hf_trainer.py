@@ -73,7 +73,6 @@ class MisaOptimizer(torch.optim.Optimizer):
         validate_against_model(cfg, modules, total)
         self.cfg = cfg
         self.method = build_method(cfg, model, modules, total)
-        self._drawn = False
         params = list({id(p): p for p in model.parameters()}.values())  # every parameter, tied ones once
         super().__init__(params, dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                       weight_decay=cfg.weight_decay))
@@ -81,16 +80,14 @@ class MisaOptimizer(torch.optim.Optimizer):
     @property
     def started(self) -> bool:
         """Whether a set has been drawn (by :meth:`begin_period` or restored by :meth:`load_state_dict`)."""
-        return self._drawn
+        return self.method.started
 
     def begin_period(self, step: int) -> bool:
         """Draw the next active set when ``step % period == 0`` (or before the first step); True if drawn.
 
         Call before the forward pass of optimizer step ``step`` (:class:`MisaCallback` does, in
         ``on_step_begin``): the draw decides which parameters require grad."""
-        drawn = self.method.begin_period(int(step))
-        self._drawn = self._drawn or drawn
-        return drawn
+        return self.method.begin_period(int(step))
 
     def probe_importance(self, loss_fn: Callable[[], torch.Tensor]) -> bool:
         """Score every module by ‖g_b‖² from one backward of ``loss_fn()`` before the first draw; True if
@@ -122,7 +119,6 @@ class MisaOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`: the saved active set trains again and the next draws are the saved run's."""
         self.method.load_state_dict(state_dict["misa"])
-        self._drawn = bool(state_dict["misa"]["started"])
         for group, lr in zip(self.param_groups, state_dict["lr"], strict=True):
             group["lr"] = lr
 

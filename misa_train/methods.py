@@ -81,6 +81,11 @@ class Method:
         self.allreduce: Any = None
 
     # ------------------------------------------------------------------ the loop
+    @property
+    def started(self) -> bool:
+        """Whether an active set is in place: drawn by :meth:`begin_period` or restored by :meth:`load_state_dict`."""
+        return self._started
+
     def begin_period(self, step: int) -> bool:
         """At ``step % period == 0`` (or on the first call): draw the next active set and make exactly it
         trainable, freeing what left. Returns True when the active set was (re)drawn.
