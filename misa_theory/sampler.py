@@ -158,6 +158,7 @@ class ModuleSampler:
         self.explore, self.seed, self.streams = bool(explore), int(seed), streams
         self.depth_bias, self.lru_picks = float(depth_bias), int(lru_picks)
         self._unit_of, self._unit_sizes = lay.unit_of, lay.unit_sizes
+        self._size_list, self._smallest = lay.sizes.tolist(), int(lay.sizes.min())  # for the first-fit loop
         self.n_units = int(lay.unit_sizes.size)
         depth = self.groups / max(self.n_groups - 1, 1)
         self._tilt = np.exp(self.depth_bias * (depth - 1.0))  # (B,), all ones at γ = 0
@@ -187,9 +188,16 @@ class ModuleSampler:
         return self._squeeze(self._score)
 
     def _refresh_scores(self) -> None:
-        """G² = m/(1 − β^c) where c > 0, 0 elsewhere (kept up to date by every observation)."""
+        """G² = m/(1 − β^c) where c > 0, 0 elsewhere, and ``misa``'s weights of them (both kept up to date by
+        every observation)."""
         self._score = np.zeros(self._ema.shape)
         np.divide(self._ema, 1.0 - self.ema_beta ** self._count, out=self._score, where=self._count > 0)
+        self._weight = self._weights(self._score)
+
+    def _weights(self, scores: np.ndarray, modules: Any = slice(None)) -> np.ndarray:
+        """``misa``'s unnormalised p_b = exp(min(5, η·G_b²))·tilt_b of ``scores`` (those of ``modules``)."""
+        w = np.exp(np.minimum(EXPONENT_CAP, self.eta * scores))
+        return w * self._tilt[modules] if self.depth_bias else w  # the tilt is all ones at γ = 0
 
     @property
     def last_inclusion(self) -> np.ndarray | None:
@@ -240,14 +248,17 @@ class ModuleSampler:
         x = np.asarray(sq_norms, dtype=np.float64)
         if x.shape != shape:
             raise ValueError(f"sq_norms must have shape {shape}, got {x.shape}")
-        seen = x[mask]
-        if not np.all(np.isfinite(seen) & (seen >= 0)):
+        at = mask.nonzero()
+        seen = x[at]
+        if not ((seen >= 0) & (seen < np.inf)).all():  # NaN fails the first test
             raise ValueError("sq_norms must be finite and non-negative where the mask is set")
         b = self.ema_beta
-        self._ema[mask] = b * self._ema[mask] + (1.0 - b) * seen
-        self._count[mask] += 1
-        self._score[mask] = self._ema[mask] / (1.0 - b ** self._count[mask])
-        self._last_used[mask] = np.maximum(self._last_used[mask], 0)  # observed counts as used
+        ema = b * self._ema[at] + (1.0 - b) * seen
+        count = self._count[at] + 1
+        self._ema[at], self._count[at] = ema, count
+        self._score[at] = score = ema / (1.0 - b ** count)
+        self._weight[at] = self._weights(score, at[1])
+        self._last_used[at] = np.maximum(self._last_used[at], 0)  # observed counts as used
 
     # ------------------------------------------------------------------ targets
     def _rates(self, scores: np.ndarray) -> np.ndarray:
@@ -284,8 +295,7 @@ class ModuleSampler:
 
     def selection_weights(self) -> np.ndarray:
         """``misa``'s p_b = exp(min(5, η·G_b²))·tilt_b / Σ (sums to 1); shape (B,), or (S, B) with ``streams``."""
-        w = np.exp(np.minimum(EXPONENT_CAP, self.eta * self._score)) * self._tilt
-        return self._squeeze(w / w.sum(axis=1, keepdims=True))
+        return self._squeeze(self._weight / self._weight.sum(axis=1, keepdims=True))
 
     # ------------------------------------------------------------------ drawing
     def draw(self) -> np.ndarray:
@@ -311,7 +321,7 @@ class ModuleSampler:
             self._last = np.stack([self._target_row(s)[self._unit_of] for s in range(self.n_streams)])
         else:
             modules = self._draw_pi_rows(np.arange(self.n_streams))
-        if np.any(modules.astype(np.int64) @ self.sizes > self.budget):  # guaranteed by construction
+        if np.dot(modules, self.sizes).max() > self.budget:  # guaranteed by construction
             raise AssertionError("ModuleSampler drew over budget; please report this as a bug")
         self._last_used[modules] = self.n_draws + 1
         self.n_draws += 1
@@ -332,7 +342,7 @@ class ModuleSampler:
         """The authors' draw for every stream: tried-first modules, then a weighted order, packed first-fit."""
         B = self.n_modules
         keys = self.rng.standard_exponential((self.n_streams, B))
-        keys /= np.exp(np.minimum(EXPONENT_CAP, self.eta * self._score)) * self._tilt  # Plackett–Luce ∝ p
+        keys /= self._weight  # Plackett–Luce ∝ p
         # least recently used first (never-used modules, stamp −1, ahead of all), ties by index
         recency = (self._last_used + 1) * B + np.arange(B)
         k = min(self.lru_picks, B)
@@ -350,18 +360,21 @@ class ModuleSampler:
 
     def _first_fit(self, keys: np.ndarray) -> np.ndarray:
         """Modules in increasing ``keys`` (R, B) order (inf: skipped), each taken if it fits what is left."""
-        sizes, smallest = self.sizes.tolist(), int(self.sizes.min())
-        skipped = np.isinf(keys).tolist()
-        chosen = np.zeros(keys.shape, dtype=bool)
-        for r, order in enumerate(np.argsort(keys, axis=1, kind="stable").tolist()):
+        sizes, smallest, B = self._size_list, self._smallest, keys.shape[1]
+        finite = np.isfinite(keys).sum(axis=1).tolist()
+        taken = []  # flat indices r·B + b
+        # keys are distinct except inf (skipped either way), so the sort need not be stable
+        for r, order in enumerate(np.argsort(keys, axis=1).tolist()):
             left = self.budget
-            for b in order:
-                if sizes[b] <= left and not skipped[r][b]:
-                    chosen[r, b] = True
+            for b in order[:finite[r]]:
+                if sizes[b] <= left:
+                    taken.append(r * B + b)
                     left -= sizes[b]
                     if left < smallest:  # nothing fits any more
                         break
-        return chosen
+        chosen = np.zeros(keys.size, dtype=bool)
+        chosen[taken] = True
+        return chosen.reshape(keys.shape)
 
     def _cycle_width(self) -> int:
         fits = self._unit_sizes[self._unit_sizes <= self.budget]

@@ -234,7 +234,7 @@ class _State:
     problem: Problem
     oracle: GradientOracle
     rng: np.random.Generator
-    noise_std: np.ndarray | None  # σ·noise_std per coordinate of one seed, (n,); None without noise
+    noise_std: np.ndarray | None  # σ·noise_std per coordinate of every seed, (S·n,); None without noise
     step: float  # α (sgd: α_sgd)
     sgd: bool
     retain: bool  # park the moments of modules that leave
@@ -244,8 +244,9 @@ class _State:
     all_on: np.ndarray  # (S, M) all True: the baselines' active set
     m: np.ndarray  # (S·n,) first moments; read only where a module kept its state
     v: np.ndarray  # (S·n,) second moments
-    b1c: np.ndarray  # (S·n,) β₁^c, c the Adam step count per coordinate
-    b2c: np.ndarray  # (S·n,) β₂^c
+    # β₁^c and β₂^c per (seed, module) pair, (S·M,): the step count c is one number per module, as in ActiveAdamW
+    b1c: np.ndarray
+    b2c: np.ndarray
     vmax: np.ndarray  # (S·n,) running maximum of v (amsgrad)
     prev: np.ndarray  # (S, M) the previous period's active set
 
@@ -259,19 +260,12 @@ def _init_state(problem: Problem, rule: str, S: int, cfg: SimConfig, seed: int,
     sgd = rule == "sgd" or (not full and cfg.optimizer == "sgd")
     step = cfg.sgd_alpha if rule == "sgd" and cfg.sgd_alpha is not None else cfg.alpha
     rng = np.random.Generator(np.random.SFC64([seed, ALL_RULES.index(rule)]))
-    noise_std = cfg.sigma * problem.noise_std if cfg.sigma > 0 else None
+    noise_std = np.tile(cfg.sigma * problem.noise_std, S) if cfg.sigma > 0 else None
     return _State(problem=problem, oracle=oracle, rng=rng, noise_std=noise_std, step=float(step), sgd=sgd,
                   retain=cfg.retain_state or rule == "adam", reset=cfg.reset_state and not full,
                   amsgrad=cfg.amsgrad, flush=cfg.momentum_flush and not full,
-                  all_on=np.ones((S, M), dtype=bool), m=np.zeros(S * n), v=np.zeros(S * n), b1c=np.ones(S * n),
-                  b2c=np.ones(S * n), vmax=np.zeros(S * n if cfg.amsgrad else 0), prev=np.zeros((S, M), dtype=bool))
-
-
-def _noise_for(state: _State, active: Active) -> np.ndarray | None:
-    """σ·noise_std on the active coordinates, in their order; None without noise."""
-    if state.noise_std is None:
-        return None
-    return state.noise_std[active.idx % state.problem.n_params]
+                  all_on=np.ones((S, M), dtype=bool), m=np.zeros(S * n), v=np.zeros(S * n), b1c=np.ones(S * M),
+                  b2c=np.ones(S * M), vmax=np.zeros(S * n if cfg.amsgrad else 0), prev=np.zeros((S, M), dtype=bool))
 
 
 def _period(state: _State, mask: np.ndarray, cfg: SimConfig) -> np.ndarray:
@@ -279,56 +273,73 @@ def _period(state: _State, mask: np.ndarray, cfg: SimConfig) -> np.ndarray:
     p = state.problem
     active = Active.from_mask(mask, p.sizes, p.offsets[:-1], p.n_params)
     sq = np.zeros(mask.shape)
+    # the trainer's ActiveAdamW: a module keeps (m, v, c) if it stayed active (or with retain_state)
     kept = mask if state.retain else mask & state.prev
-    if state.reset:
-        kept = np.zeros_like(mask)
     state.prev = mask.copy()
     if active.size == 0:
         return sq
-    if not state.sgd:
-        # the trainer's ActiveAdamW: a module keeps (m, v, c) if it stayed active (or with retain_state)
-        fresh = active.idx[~np.repeat(kept[active.seed, active.module], active.lens)]
-        state.m[fresh], state.v[fresh], state.b1c[fresh], state.b2c[fresh] = 0.0, 0.0, 1.0, 1.0
-        if state.amsgrad:
-            state.vmax[fresh] = 0.0
-    sq[active.seed, active.module] = _inner_steps(state, active, cfg) / cfg.T
+    keep = np.zeros(active.lens.size, dtype=bool) if state.reset else kept[active.seed, active.module]
+    sq[active.seed, active.module] = _inner_steps(state, active, keep, cfg) / cfg.T
     return sq
 
 
-def _inner_steps(state: _State, active: Active, cfg: SimConfig) -> np.ndarray:
-    """T steps of Adam (or SGD) on the active coordinates; returns Σ_t ‖g_{t,b}‖² per active pair."""
-    idx, noise = active.idx, _noise_for(state, active)
-    m, v, b1c, b2c = state.m[idx], state.v[idx], state.b1c[idx], state.b2c[idx]
-    vbar = state.vmax[idx] if state.amsgrad else v  # the v the denominator uses
+def _inner_steps(state: _State, active: Active, keep: np.ndarray, cfg: SimConfig) -> np.ndarray:
+    """T steps of Adam (or SGD) on the active coordinates; returns Σ_t ‖g_{t,b}‖² per active pair.
+
+    ``keep`` (P,) says which active pairs continue their Adam state; the others start from zero state."""
+    idx, lens = active.idx, active.lens
+    noise = None if state.noise_std is None else state.noise_std[idx]
     g = np.empty(active.size)
-    sq = np.zeros(active.lens.size)
-    for _ in range(cfg.T):
-        state.oracle.grad_at(active, g)
-        if noise is not None:
-            g += noise * state.rng.standard_normal(active.size)
-        sq += np.add.reduceat(g * g, active.starts)
-        if state.sgd:
+    sq = np.zeros(lens.size)
+    if state.sgd:
+        for _ in range(cfg.T):
+            _noisy_grad(state, active, noise, g, sq)
             state.oracle.step(active, state.step * g)
-            continue
+        return sq
+    pair = active.seed * state.prev.shape[1] + active.module
+    m, v, b1c, b2c = state.m[idx], state.v[idx], state.b1c[pair], state.b2c[pair]
+    vbar = state.vmax[idx] if state.amsgrad else v  # the v the denominator uses
+    if not keep.all():  # pairs that enter: zero moments, step count 0
+        fresh = np.repeat(~keep, lens)
+        m[fresh], v[fresh], b1c[~keep], b2c[~keep] = 0.0, 0.0, 1.0, 1.0
+        if state.amsgrad:
+            vbar[fresh] = 0.0
+    for _ in range(cfg.T):
+        _noisy_grad(state, active, noise, g, sq)
         m = cfg.beta1 * m + (1.0 - cfg.beta1) * g
         v = cfg.beta2 * v + (1.0 - cfg.beta2) * g * g
         b1c, b2c = b1c * cfg.beta1, b2c * cfg.beta2
         vbar = np.maximum(vbar, v) if state.amsgrad else v
-        state.oracle.step(active, _adam_direction(m, vbar, b1c, b2c, cfg.eps, state.step))
-    if not state.sgd:
-        if state.flush:  # the momentum that would otherwise be lost, in one step
-            state.oracle.step(active, _adam_direction(m, vbar, b1c, b2c, cfg.eps,
-                                                      state.step * cfg.beta1 / (1.0 - cfg.beta1)))
-        state.m[idx], state.v[idx], state.b1c[idx], state.b2c[idx] = m, v, b1c, b2c
-        if state.amsgrad:
-            state.vmax[idx] = vbar
+        state.oracle.step(active, _adam_direction(m, vbar, b1c, b2c, lens, cfg.eps, state.step))
+    if state.flush:  # the momentum that would otherwise be lost, in one step
+        state.oracle.step(active, _adam_direction(m, vbar, b1c, b2c, lens, cfg.eps,
+                                                  state.step * cfg.beta1 / (1.0 - cfg.beta1)))
+    state.m[idx], state.v[idx], state.b1c[pair], state.b2c[pair] = m, v, b1c, b2c
+    if state.amsgrad:
+        state.vmax[idx] = vbar
     return sq
 
 
-def _adam_direction(m: np.ndarray, v: np.ndarray, b1c: np.ndarray, b2c: np.ndarray, eps: float,
-                    scale: float) -> np.ndarray:
-    """scale·m̂/(√v̂ + ε) with m̂ = m/(1 − β₁^c), v̂ = v/(1 − β₂^c), given b1c = β₁^c and b2c = β₂^c."""
-    return (scale / (1.0 - b1c)) * m / (np.sqrt(v / (1.0 - b2c)) + eps)
+def _noisy_grad(state: _State, active: Active, noise: np.ndarray | None, g: np.ndarray, sq: np.ndarray) -> None:
+    """g ← ∇f(θ) + ξ on the active coordinates, and sq += ‖g_b‖² per active pair."""
+    state.oracle.grad_at(active, g)
+    if noise is not None:
+        xi = state.rng.standard_normal(active.size)
+        xi *= noise
+        g += xi
+    sq += np.add.reduceat(g * g, active.starts)
+
+
+def _adam_direction(m: np.ndarray, v: np.ndarray, b1c: np.ndarray, b2c: np.ndarray, lens: np.ndarray,
+                    eps: float, scale: float) -> np.ndarray:
+    """scale·m̂/(√v̂ + ε) with m̂ = m/(1 − β₁^c), v̂ = v/(1 − β₂^c); b1c = β₁^c and b2c = β₂^c are given per pair
+    (P,) and hold on each pair's ``lens`` coordinates."""
+    den = v / np.repeat(1.0 - b2c, lens)
+    np.sqrt(den, out=den)
+    den += eps
+    out = np.repeat(scale / (1.0 - b1c), lens) * m
+    out /= den
+    return out
 
 
 def run_rules(problem: Problem, rules: Sequence[str], K: int, n_seeds: int, cfg: SimConfig, seed: int = 0,
