@@ -3,8 +3,8 @@
 Default: K = 10^5, S = 16, T = 1, rule misa, δ = 0.03 (the paper's budget), RobustFeatures(12 layers, d=8, kv=4,
 ff=28) = 10,368 parameters, 84 modules.  ``--K`` / ``--seeds`` / ``--T`` / ``--rule`` / ``--delta`` /
 ``--repeats`` override.  The cost split at the end times, in the same process, the two parts of a block update
-that are not the simulator's own arithmetic: one ``ModuleSampler(streams=S)`` draw + observe, and one dense
-``problem.grad``.
+that are not the simulator's own arithmetic: one ``ModuleSampler(streams=S)`` draw + observe, and the oracle
+the simulator uses (``make_oracle``) on one drawn active set: the gradient there, the step, and ‖∇f‖².
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import time
 
 import numpy as np
 
+from misa_theory.oracle import Active, make_oracle
 from misa_theory.problems import RobustFeatures
 from misa_theory.sampler import ModuleSampler
 from misa_theory.simulate import SimConfig, alpha_for, simulate
 
 
 def cost_split(prob: RobustFeatures, cfg: SimConfig, rule: str, seeds: int, n: int = 500) -> tuple[float, float]:
-    """Mean µs of one all-seeds draw+observe and of one gradient, each over ``n`` calls."""
+    """Mean µs of one all-seeds draw+observe, and of the oracle's gradient + step + ‖∇f‖² on one drawn set."""
     s = ModuleSampler(prob.sizes, prob.groups, delta=cfg.delta, rule=rule, seed=0, streams=seeds)
     x = np.random.default_rng(0).random((seeds, prob.n_modules))
     for _ in range(50):  # past exploration, as in a long run
@@ -30,10 +31,14 @@ def cost_split(prob: RobustFeatures, cfg: SimConfig, rule: str, seeds: int, n: i
     for _ in range(n):
         s.observe_mask(s.draw_mask(), x)
     draw = (time.perf_counter() - t0) / n
-    theta = prob.x0(seeds)
+    oracle = make_oracle(prob, prob.x0(seeds), active_fraction=cfg.delta)
+    active = Active.from_mask(s.draw_mask(), prob.sizes, prob.offsets[:-1], prob.n_params)
+    g = np.empty(active.size)
     t0 = time.perf_counter()
     for _ in range(n):
-        prob.grad(theta)
+        oracle.grad_at(active, g)
+        oracle.step(active, 1e-6 * g)
+        oracle.grad_sq()
     return 1e6 * draw, 1e6 * (time.perf_counter() - t0) / n
 
 
@@ -60,8 +65,8 @@ def main() -> None:
           f"δ={a.delta}: median {med:.2f} s ({med / a.K * 1e6:.0f} µs per block update)")
     if a.rule not in ("adam", "sgd"):
         draw, grad = cost_split(prob, cfg, a.rule, a.seeds)
-        print(f"cost split: draw+observe of all {a.seeds} seeds {draw:.0f} µs, one gradient {grad:.0f} µs "
-              f"(× T per block update), the rest is gather/noise/Adam")
+        print(f"cost split: draw+observe of all {a.seeds} seeds {draw:.0f} µs, oracle gradient + step + ‖∇f‖² "
+              f"{grad:.0f} µs (gradient and step × T per block update), the rest is gather/noise/Adam")
 
 
 if __name__ == "__main__":

@@ -361,14 +361,15 @@ class ModuleSampler:
     def _first_fit(self, keys: np.ndarray) -> np.ndarray:
         """Modules in increasing ``keys`` (R, B) order (inf: skipped), each taken if it fits what is left."""
         sizes, smallest, B = self._size_list, self._smallest, keys.shape[1]
-        finite = np.isfinite(keys).sum(axis=1).tolist()
+        finite = np.isfinite(keys).sum(axis=1)
+        some_inf = bool((finite < B).any())
         taken = []  # flat indices r·B + b
         # keys are distinct except inf (skipped either way), so the sort need not be stable
-        for r, order in enumerate(np.argsort(keys, axis=1).tolist()):
-            left = self.budget
-            for b in order[:finite[r]]:
+        for r, order in enumerate(keys.argsort(axis=1).tolist()):
+            left, row = self.budget, r * B
+            for b in order[:finite[r]] if some_inf else order:
                 if sizes[b] <= left:
-                    taken.append(r * B + b)
+                    taken.append(row + b)
                     left -= sizes[b]
                     if left < smallest:  # nothing fits any more
                         break
