@@ -274,11 +274,13 @@ def _period(state: _State, mask: np.ndarray, cfg: SimConfig) -> np.ndarray:
     active = Active.from_mask(mask, p.sizes, p.offsets[:-1], p.n_params)
     sq = np.zeros(mask.shape)
     # the trainer's ActiveAdamW: a module keeps (m, v, c) if it stayed active (or with retain_state)
-    kept = mask if state.retain else mask & state.prev
-    state.prev = mask.copy()
+    prev, state.prev = state.prev, mask  # nothing writes to a drawn mask after this
     if active.size == 0:
         return sq
-    keep = np.zeros(active.lens.size, dtype=bool) if state.reset else kept[active.seed, active.module]
+    if state.reset or state.retain:
+        keep = np.full(active.lens.size, not state.reset)
+    else:
+        keep = prev[active.seed, active.module]
     sq[active.seed, active.module] = _inner_steps(state, active, keep, cfg) / cfg.T
     return sq
 
