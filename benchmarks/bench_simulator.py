@@ -42,7 +42,7 @@ def cost_split(prob: RobustFeatures, cfg: SimConfig, rule: str, seeds: int, n: i
     return 1e6 * draw, 1e6 * (time.perf_counter() - t0) / n
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Time ``simulate`` and print per-run seconds, the median, and the cost split."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--K", type=int, default=100_000)
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--rule", default="misa")
     p.add_argument("--delta", type=float, default=0.03)
     p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     prob = RobustFeatures(n_layers=12, d=8, kv=4, ff=28)
     cfg = SimConfig(alpha=alpha_for(a.K, 0.3), T=a.T, delta=a.delta, sigma=0.05)
     times = []

@@ -1,5 +1,6 @@
-"""Chunked cross-entropy equals F.cross_entropy (value and gradients), and the GPU bench
-(benchmarks/bench_gpu.py) runs end to end on CPU with a tiny Llama (--quick), writing its JSON and table."""
+"""Chunked cross-entropy equals F.cross_entropy (value and gradients); the GPU bench (benchmarks/bench_gpu.py)
+runs end to end on CPU with a tiny Llama (--quick), writing its JSON and table; the loss and simulator benchmarks
+run on tiny inputs."""
 
 from __future__ import annotations
 
@@ -87,3 +88,42 @@ def test_bench_rejects_unknown_names(tmp_path):
     from benchmarks import bench_gpu as bench
 
     assert bench.main(["--quick", "--out", str(tmp_path), "--methods", "sgd"]) == 2
+
+
+def test_bench_quick_with_torchs_loss(tmp_path):
+    """--loss-backend torch runs the trainer's step through F.linear_cross_entropy and says so in the record."""
+    from benchmarks import bench_gpu as bench
+    from misa_train.losses import has_torch_linear_ce, set_default_backend
+
+    if not has_torch_linear_ce():
+        assert bench.main(["--quick", "--out", str(tmp_path), "--loss-backend", "torch"]) == 2
+        return
+    try:
+        rc = bench.main(["--quick", "--out", str(tmp_path), "--methods", "misa1", "--ckpt", "off", "--steps", "1",
+                         "--loss-backend", "torch"])
+    finally:
+        set_default_backend("chunked")
+    assert rc == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["meta"]["loss_backend"] == "torch" and data["rows"][0]["status"] == "ok"
+
+
+def test_loss_memory_compares_losses_and_gradients(tmp_path):
+    """The loss benchmark's CPU mode: every backend's loss and hidden-state gradient against the chunked one."""
+    from benchmarks import loss_memory
+
+    out = tmp_path / "loss.json"
+    assert loss_memory.main(["--device", "cpu", "--vocab", "300", "--seq", "40", "--hidden", "16", "--repeats", "1",
+                             "--dtype", "fp32", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["backend"] for r in rows][0] == "chunked" and "reference" in [r["backend"] for r in rows]
+    assert all(r["rel_diff_vs_chunked"] < 1e-5 and r["grad_rel_diff_vs_chunked"] < 1e-5 for r in rows)
+    assert rows[0]["grad_rel_diff_vs_chunked"] == 0.0
+
+
+def test_bench_simulator_prints_the_median_and_the_cost_split(capsys):
+    from benchmarks import bench_simulator
+
+    bench_simulator.main(["--K", "30", "--seeds", "2", "--repeats", "1", "--delta", "0.1"])
+    out = capsys.readouterr().out
+    assert "median" in out and "cost split: draw+observe of all 2 seeds" in out and "oracle gradient" in out
