@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                         "applied with and without --ckpt")
     p.add_argument("--depth-bias", type=float, default=0.0,
                    help="TrainConfig.depth_bias for the misa rows (0 = the paper's sampling)")
+    p.add_argument("--loss-backend", default="chunked", choices=("chunked", "torch", "auto"),
+                   help="TrainConfig.loss_backend: chunked (misa_train.losses) or torch's F.linear_cross_entropy")
     a = p.parse_args(argv)
     if a.depth_bias < 0:
         print("bench: --depth-bias must be >= 0", file=sys.stderr)
@@ -310,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: unknown {bad}; known: {list(known)}", file=sys.stderr)
             return 2
     ckpts = {"on": [True], "off": [False], "both": [False, True]}[a.ckpt]
+    from misa_train.config import ConfigError
+    from misa_train.losses import set_default_backend
+
+    try:
+        set_default_backend(a.loss_backend)
+    except ConfigError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     import transformers
@@ -318,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "git_commit": _git_commit(),
             "argv": sys.argv[1:] if argv is None else argv, "peak_bf16_flops": _peak_flops(device),
-            "steps": steps, "warmup": warmup, "period": a.period, "lean_ops": a.lean_ops}
+            "steps": steps, "warmup": warmup, "period": a.period, "lean_ops": a.lean_ops,
+            "loss_backend": a.loss_backend}
     try:
         import peft
 

@@ -10,7 +10,7 @@ definition). For each, on a fresh CUDA allocator peak: hidden states (B, S, h) t
 number is ``max_memory_allocated`` minus what was allocated before the call (inputs and, after backward, the
 gradients of what requires grad are included in the peak, the same for every backend). Time: median of
 ``--repeats`` synchronised runs after one warm-up. The losses of all backends are checked against each
-other (relative difference printed).
+other, and so are the gradients of the hidden states (relative differences printed).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def _inputs(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tenso
     return hidden.requires_grad_(True), weight.requires_grad_(args.train_head), labels
 
 
-def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
-    """Peak extra bytes, median seconds and loss value of one backend's forward + backward."""
+def measure(name: str, args: argparse.Namespace, device: torch.device) -> tuple[dict, torch.Tensor]:
+    """Peak extra bytes, median seconds and loss value of one backend's forward + backward, and the gradient
+    of the hidden states (fp32, on the CPU) for the comparison between backends."""
     fn = BACKENDS[name]
     hidden, weight, labels = _inputs(args, device)
     cuda = device.type == "cuda"
@@ -69,8 +70,9 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             peak = max(peak, torch.cuda.max_memory_allocated(device) - base) if cuda else peak
         loss_value = float(loss.detach())
         del loss
-    return {"backend": name, "peak_mib": peak / 2**20 if cuda else float("nan"),
-            "median_s": statistics.median(times), "loss": loss_value}
+    row = {"backend": name, "peak_mib": peak / 2**20 if cuda else float("nan"),
+           "median_s": statistics.median(times), "loss": loss_value}
+    return row, hidden.grad.float().cpu()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,18 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     names = [n for n in BACKENDS if (n != "torch" or has_torch_linear_ce())
              and (n != "reference" or not args.skip_reference)]
-    rows = [measure(n, args, device) for n in names]
-    ref = rows[0]["loss"]
+    rows, grads = zip(*(measure(n, args, device) for n in names), strict=True)
+    ref, ref_grad = rows[0]["loss"], grads[0]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, {where}; V={args.vocab} S={args.seq} "
           f"h={args.hidden} B={args.batch} {args.dtype}, head {'trains' if args.train_head else 'frozen'}")
-    print(f"{'backend':<10}{'peak MiB':>12}{'median s':>11}{'loss':>12}{'rel diff':>11}")
-    for r in rows:
+    print(f"{'backend':<10}{'peak MiB':>12}{'median s':>11}{'loss':>12}{'rel diff':>11}{'grad diff':>11}")
+    for r, g in zip(rows, grads, strict=True):
         r["rel_diff_vs_chunked"] = abs(r["loss"] - ref) / max(abs(ref), 1e-12)
+        # ‖∇_h − ∇_h(chunked)‖ / ‖∇_h(chunked)‖ over the hidden states' gradient
+        r["grad_rel_diff_vs_chunked"] = float((g - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30))
         print(f"{r['backend']:<10}{r['peak_mib']:>12.1f}{r['median_s']:>11.4f}{r['loss']:>12.5f}"
-              f"{r['rel_diff_vs_chunked']:>11.2e}")
+              f"{r['rel_diff_vs_chunked']:>11.2e}{r['grad_rel_diff_vs_chunked']:>11.2e}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows},
+        Path(args.out).write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": list(rows)},
                                              indent=2))
     return 0
 
