@@ -9,7 +9,8 @@ coordinates of B_k only,
                      m ← β₁m + (1−β₁)g_t,  v ← β₂v + (1−β₂)g_t²      (on B_k's coordinates)
                      θ_{k,t+1} = θ_{k,t} − α · m̂/(√v̂ + ε),  m̂ = m/(1−β₁^c), v̂ = v/(1−β₂^c)
 
-with c the step count of that coordinate's state.  Optimizer state follows the trainer's ``ActiveAdamW``
+with c the step count of that module's state (one count per (seed, module) pair).  Optimizer state follows
+the trainer's ``ActiveAdamW``
 (misa_train/optim.py): a module active in two consecutive periods keeps (m, v, c); a module that leaves loses
 them and enters again with zeros and c = 0; with ``retain_state`` a module that leaves keeps them parked and
 gets them back when drawn again; with ``reset_state`` every period starts every active module from zero state
