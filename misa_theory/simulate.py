@@ -9,19 +9,18 @@ coordinates of B_k only,
                      m ← β₁m + (1−β₁)g_t,  v ← β₂v + (1−β₂)g_t²      (on B_k's coordinates)
                      θ_{k,t+1} = θ_{k,t} − α · m̂/(√v̂ + ε),  m̂ = m/(1−β₁^c), v̂ = v/(1−β₂^c)
 
-with c the step count of that module's state (one count per (seed, module) pair).  Optimizer state follows
-the trainer's ``ActiveAdamW``
-(misa_train/optim.py): a module active in two consecutive periods keeps (m, v, c); a module that leaves loses
-them and enters again with zeros and c = 0; with ``retain_state`` a module that leaves keeps them parked and
-gets them back when drawn again; with ``reset_state`` every period starts every active module from zero state
-(the algorithm of proofs/05_convergence.md).  With ``amsgrad`` the denominator uses the running maximum
-v̄ ← max(v̄, v) of the raw second moment, v̂ = v̄/(1−β₂^c) (torch's ``amsgrad``; v̄ is part of the module's state).
-With ``momentum_flush`` the period ends with θ ← θ − α·β₁/(1−β₁)·m̂/(√v̂+ε) on B_k (the paper's flush of the
-momentum that would otherwise be lost).  ``misa_alg1`` is the paper's Algorithm 1: rule ``misa`` with
-``amsgrad``, ``momentum_flush`` and ``reset_state`` (:data:`VARIANTS`).  ``optimizer="sgd"`` replaces the inner
-Adam steps by SGD steps θ ← θ − α·g_t (block SGD: every constant of proofs/05 is known, ρ = 1).  Then
-the sampler observes (1/T)Σ_t ‖g_{t,b}‖² of the active modules, the *stochastic* squared norms (what the
-trainer sees), and θ_{k+1} = θ_{k,T}.
+with c the step count of that module's state (one count per (seed, module) pair).  Optimizer state follows the
+trainer's ``ActiveAdamW`` (misa_train/optim.py): a module active in two consecutive periods keeps (m, v, c); a
+module that leaves loses them and enters again with zeros and c = 0; with ``retain_state`` a module that leaves
+keeps them parked and gets them back when drawn again; with ``reset_state`` every period starts every active
+module from zero state (the algorithm of proofs/05_convergence.md).  With ``amsgrad`` the denominator uses the
+running maximum v̄ ← max(v̄, v) of the raw second moment, v̂ = v̄/(1−β₂^c) (torch's ``amsgrad``; v̄ is part of
+the module's state). With ``momentum_flush`` the period ends with θ ← θ − α·β₁/(1−β₁)·m̂/(√v̂+ε) on B_k (the
+paper's flush of the momentum that would otherwise be lost).  ``misa_alg1`` is the paper's Algorithm 1: rule
+``misa`` with ``amsgrad``, ``momentum_flush`` and ``reset_state`` (:data:`VARIANTS`).  ``optimizer="sgd"``
+replaces the inner Adam steps by SGD steps θ ← θ − α·g_t (block SGD: every constant of proofs/05 is known,
+ρ = 1).  Then the sampler observes (1/T)Σ_t ‖g_{t,b}‖² of the active modules, the *stochastic* squared norms (what
+the trainer sees), and θ_{k+1} = θ_{k,T}.
 
 K is the number of block updates (K·T gradient evaluations); the recorded quantity is ‖∇f(θ_k)‖² for
 k = 0..K (exact gradient).  The rate check uses (1/K)Σ_{k<K}‖∇f(θ_k)‖² and min_{k≤K}‖∇f(θ_k)‖².
