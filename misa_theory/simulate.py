@@ -298,7 +298,7 @@ def _inner_steps(state: _State, active: Active, keep: np.ndarray, cfg: SimConfig
             _noisy_grad(state, active, noise, g, sq)
             state.oracle.step(active, state.step * g)
         return sq
-    pair = active.seed * state.prev.shape[1] + active.module
+    pair = active.seed * state.problem.n_modules + active.module  # row of the (S·M,) step-count arrays
     m, v, b1c, b2c = state.m[idx], state.v[idx], state.b1c[pair], state.b2c[pair]
     vbar = state.vmax[idx] if state.amsgrad else v  # the v the denominator uses
     if not keep.all():  # pairs that enter: zero moments, step count 0
