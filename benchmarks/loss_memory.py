@@ -1,21 +1,24 @@
 """Peak GPU memory and time of the causal-LM loss, forward + backward, per backend.
 
     python benchmarks/loss_memory.py [--vocab 128256] [--seq 8192] [--hidden 4096] [--batch 1]
-                                     [--dtype bf16] [--train-head] [--repeats 3] [--out loss_memory.json]
+                                     [--dtype bf16] [--train-head] [--repeats 3] [--torch-policies]
+                                     [--out loss_memory.json]
 
 Backends: ``chunked`` (misa_train.losses.chunked_causal_lm_loss), ``torch`` (F.linear_cross_entropy with
-its chunked options, where the installed torch has it) and ``reference`` (full fp32 logits, the
-definition). For each, on a fresh CUDA allocator peak: hidden states (B, S, h) that require grad and an LM head
-(V, h) (requiring grad with ``--train-head``) are made, the loss and its backward run, and the reported
-number is ``max_memory_allocated`` minus what was allocated before the call (inputs and, after backward, the
-gradients of what requires grad are included in the peak, the same for every backend). Time: median of
-``--repeats`` synchronised runs after one warm-up. The losses of all backends are checked against each
-other, and so are the gradients of the hidden states (relative differences printed).
+its chunked options and the mean of its per-token losses taken in fp32, where the installed torch has it;
+``--torch-policies`` adds ``torch:bf16mean``, torch's own mean, and ``torch:<acc_policy>`` for each policy)
+and ``reference`` (full fp32 logits, the definition). For each, on a fresh CUDA allocator peak: hidden states
+(B, S, h) that require grad and an LM head (V, h) (requiring grad with ``--train-head``) are made, the loss and its
+backward run, and the reported number is ``max_memory_allocated`` minus what was allocated before the call (inputs
+and, after backward, the gradients of what requires grad are included in the peak, the same for every backend).
+Time: median of ``--repeats`` synchronised runs after one warm-up. The losses of all backends are checked against
+each other, and so are the gradients of the hidden states (relative differences printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -34,6 +37,8 @@ from misa_train.losses import (  # noqa: E402 - the checkout's package, after th
 )
 
 BACKENDS = {"chunked": chunked_causal_lm_loss, "torch": torch_causal_lm_loss, "reference": reference_causal_lm_loss}
+# torch's accumulation policies (LinearCrossEntropyOptions.acc_policy), measured as backends "torch:<policy>"
+TORCH_POLICIES = ("compact", "balanced", "accurate")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -50,7 +55,12 @@ def _inputs(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tenso
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> tuple[dict, torch.Tensor]:
     """Peak extra bytes, median seconds and loss value of one backend's forward + backward, and the gradient
     of the hidden states (fp32, on the CPU) for the comparison between backends."""
-    fn = BACKENDS[name]
+    base_name, _, policy = name.partition(":")
+    fn = BACKENDS[base_name]
+    if policy == "bf16mean":
+        fn = functools.partial(fn, fp32_mean=False)
+    elif policy:
+        fn = functools.partial(fn, acc_policy=policy)
     hidden, weight, labels = _inputs(args, device)
     cuda = device.type == "cuda"
     times, peak, loss_value = [], 0, float("nan")
@@ -85,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--train-head", action="store_true", help="the head matrix requires grad too")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--torch-policies", action="store_true",
+                   help="also measure torch's loss under each acc_policy (" + ", ".join(TORCH_POLICIES) + ")")
     p.add_argument("--skip-reference", action="store_true", help="skip the full-logits definition (large shapes)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -100,17 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     names = [n for n in BACKENDS if (n != "torch" or has_torch_linear_ce())
              and (n != "reference" or not args.skip_reference)]
+    if args.torch_policies and has_torch_linear_ce():
+        at = names.index("torch") + 1
+        names[at:at] = ["torch:bf16mean"] + [f"torch:{q}" for q in TORCH_POLICIES]
     rows, grads = zip(*(measure(n, args, device) for n in names), strict=True)
     ref, ref_grad = rows[0]["loss"], grads[0]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, {where}; V={args.vocab} S={args.seq} "
           f"h={args.hidden} B={args.batch} {args.dtype}, head {'trains' if args.train_head else 'frozen'}")
-    print(f"{'backend':<10}{'peak MiB':>12}{'median s':>11}{'loss':>12}{'rel diff':>11}{'grad diff':>11}")
+    print(f"{'backend':<16}{'peak MiB':>12}{'median s':>11}{'loss':>12}{'rel diff':>11}{'grad diff':>11}")
     for r, g in zip(rows, grads, strict=True):
         r["rel_diff_vs_chunked"] = abs(r["loss"] - ref) / max(abs(ref), 1e-12)
         # ‖∇_h − ∇_h(chunked)‖ / ‖∇_h(chunked)‖ over the hidden states' gradient
         r["grad_rel_diff_vs_chunked"] = float((g - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30))
-        print(f"{r['backend']:<10}{r['peak_mib']:>12.1f}{r['median_s']:>11.4f}{r['loss']:>12.5f}"
+        print(f"{r['backend']:<16}{r['peak_mib']:>12.1f}{r['median_s']:>11.4f}{r['loss']:>12.5f}"
               f"{r['rel_diff_vs_chunked']:>11.2e}{r['grad_rel_diff_vs_chunked']:>11.2e}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": list(rows)},

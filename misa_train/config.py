@@ -90,9 +90,10 @@ class TrainConfig:
     max_seq_len: int = _f(256, "truncate sequences to this many tokens")
     clip_grad: float = _f(1.0, "clip the active parameters' global gradient norm to this; 0 = off")
     dtype: str = _f("auto", "weights dtype: bf16, fp32, or auto (bf16 on CUDA, else fp32)", choices=DTYPES)
-    loss_backend: str = _f("chunked", "loss implementation: chunked (misa_train.losses), torch "
-                                      "(F.linear_cross_entropy, chunked by torch), or auto (torch's where the "
-                                      "installed torch has it, else chunked)", choices=LOSS_BACKENDS)
+    loss_backend: str = _f("chunked", "loss implementation: chunked (misa_train.losses; exact, "
+                                      "fastest), torch (F.linear_cross_entropy, chunked by torch: less memory "
+                                      "when the LM head trains, slower), or auto (torch's while the head "
+                                      "trains and the installed torch has it, else chunked)", choices=LOSS_BACKENDS)
     grad_checkpointing: bool = _f(False, "activation checkpointing (less memory, ~30% more compute)")
     probe_importance: bool = _f(True, "measure every module's gradient norm with one extra backward at the start "
                                 "(gradients dropped as they arrive) so MISA samples by importance from the first "

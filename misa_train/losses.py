@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from misa_train.config import ConfigError
 
 # Which implementation computes the loss: "chunked" (this module), "torch" (torch.nn.functional's
-# linear_cross_entropy, chunked by torch itself) or "auto" (torch's where the installed torch has it).
+# linear_cross_entropy, chunked by torch itself) or "auto" (torch's where it saves memory: the installed torch
+# has it and the head trains; on an H200 that saved 1.9 GiB at Llama-3-8B's head, while with a frozen head
+# chunked was 1.8x faster for 130 MiB more; docs/results.md "Loss backends").
 BACKENDS = ("chunked", "torch", "auto")
 _default_backend = "chunked"
 
@@ -144,24 +146,33 @@ def set_default_backend(name: str) -> None:
 
 
 def torch_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         ignore_index: int = -100) -> torch.Tensor:
+                         ignore_index: int = -100, acc_policy: str = "auto",
+                         fp32_mean: bool = True) -> torch.Tensor:
     """:func:`chunked_causal_lm_loss` computed by torch's ``F.linear_cross_entropy`` with its chunked path
-    (``LinearCrossEntropyOptions()``: torch picks chunk size and accumulation per device and dtype).
-    Returns the mean over non-ignored targets as fp32; with bf16 inputs torch computes that mean in bf16,
-    so it is coarser than :func:`chunked_causal_lm_loss`'s fp32 accumulation."""
+    (``LinearCrossEntropyOptions(acc_policy=...)``; "auto" lets torch pick chunking and accumulation per
+    device and dtype). Returns L = (1/N) Σ_t ℓ_t over the N non-ignored targets, as fp32.
+
+    ``fp32_mean`` (default): torch returns the per-token losses ℓ_t (``reduction="none"``) and the mean is
+    taken here in fp32. With ``fp32_mean=False`` torch's own mean is returned; for bf16 inputs torch 2.13
+    accumulates it in bf16 across chunks, which on an H200 put the loss 2e-3 to 6.6e-2 off (10.56 for 11.31
+    at V = 49152, S = 8192; docs/results.md "Loss backends"). Gradients are the same either way."""
     h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
-    return F.linear_cross_entropy(h, weight, y, ignore_index=ignore_index,
-                                  options=torch.nn.LinearCrossEntropyOptions()).float()
+    options = torch.nn.LinearCrossEntropyOptions(acc_policy=acc_policy)
+    if not fp32_mean:
+        return F.linear_cross_entropy(h, weight, y, ignore_index=ignore_index, options=options).float()
+    per_token = F.linear_cross_entropy(h, weight, y, ignore_index=ignore_index, options=options, reduction="none")
+    return per_token.float().sum() / (y != ignore_index).sum()
 
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                    ignore_index: int = -100, backend: str | None = None) -> torch.Tensor:
     """The causal-LM loss by ``backend`` (default: :func:`set_default_backend`'s choice): "chunked" is
     :func:`chunked_causal_lm_loss`, "torch" :func:`torch_causal_lm_loss`, "auto" the latter where the
-    installed torch has it. Same arguments and result as :func:`chunked_causal_lm_loss`."""
+    installed torch has it and ``weight`` requires grad, else the former. Same arguments and result as
+    :func:`chunked_causal_lm_loss`."""
     backend = backend or _default_backend
-    if backend == "torch" or (backend == "auto" and has_torch_linear_ce()):
+    if backend == "torch" or (backend == "auto" and weight.requires_grad and has_torch_linear_ce()):
         return torch_causal_lm_loss(hidden, weight, labels, ignore_index=ignore_index)
     return chunked_causal_lm_loss(hidden, weight, labels, ignore_index=ignore_index)
 

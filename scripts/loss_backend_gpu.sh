@@ -12,7 +12,7 @@ torch.cuda.get_device_name(), 'transformers', transformers.__version__)"
 for shape in "128256 4096 8192" "49152 576 8192" "152064 3584 4096"; do
   read -r V H S <<<"$shape"
   for head in "" "--train-head"; do
-    python3 benchmarks/loss_memory.py --vocab "$V" --hidden "$H" --seq "$S" --repeats 3 $head \
+    python3 benchmarks/loss_memory.py --vocab "$V" --hidden "$H" --seq "$S" --repeats 3 --torch-policies $head \
       --out "$out/loss_V${V}_h${H}_S${S}${head:+_head}.json"
   done
 done

@@ -121,6 +121,21 @@ def test_loss_memory_compares_losses_and_gradients(tmp_path):
     assert rows[0]["grad_rel_diff_vs_chunked"] == 0.0
 
 
+def test_loss_memory_torch_policies_add_a_row_per_variant(tmp_path):
+    from benchmarks import loss_memory
+    from misa_train.losses import has_torch_linear_ce
+
+    if not has_torch_linear_ce():
+        pytest.skip("the installed torch has no F.linear_cross_entropy")
+    out = tmp_path / "loss.json"
+    assert loss_memory.main(["--device", "cpu", "--vocab", "300", "--seq", "40", "--hidden", "16", "--repeats", "1",
+                             "--dtype", "fp32", "--torch-policies", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["chunked", "torch", "torch:bf16mean", "torch:compact", "torch:balanced",
+                                            "torch:accurate", "reference"]
+    assert all(r["rel_diff_vs_chunked"] < 1e-5 and r["grad_rel_diff_vs_chunked"] < 1e-5 for r in rows)
+
+
 def test_bench_simulator_prints_the_median_and_the_cost_split(capsys):
     from benchmarks import bench_simulator
 

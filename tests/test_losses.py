@@ -93,3 +93,29 @@ def test_trainer_run_with_the_torch_backend_matches_chunked(tmp_path):
     set_default_backend("chunked")
     assert len(got["torch"]) == 3
     torch.testing.assert_close(torch.tensor(got["torch"]), torch.tensor(got["chunked"]), rtol=1e-5, atol=1e-6)
+
+
+@needs_torch_lce
+def test_torch_backend_takes_the_mean_in_fp32_for_bf16_inputs():
+    """torch's own bf16 mean is a bf16 number (on an H200 it was 6.6e-2 off); the backend's fp32 mean of
+    torch's per-token losses must stay within bf16 rounding of each token's loss from the exact value."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 257, 32, generator=g).bfloat16()
+    weight = (torch.randn(1000, 32, generator=g) * 32 ** -0.5).bfloat16()
+    labels = torch.randint(0, 1000, (2, 257), generator=g)
+    labels[:, :40] = -100
+    exact = chunked_causal_lm_loss(hidden, weight, labels)
+    torchs_mean = losses.torch_causal_lm_loss(hidden, weight, labels, fp32_mean=False)
+    ours = losses.torch_causal_lm_loss(hidden, weight, labels)
+    assert torchs_mean == torchs_mean.bfloat16().float()  # the path that rounds the mean to bf16
+    assert ours != ours.bfloat16().float()  # a mean taken in fp32
+    assert abs(float(ours - exact)) / float(exact) < 2e-3
+
+
+@needs_torch_lce
+def test_auto_takes_torch_only_while_the_head_trains():
+    hidden, weight, labels = _inputs(seed=4)
+    trained = causal_lm_loss(hidden, weight, labels, backend="auto")
+    assert torch.equal(trained, losses.torch_causal_lm_loss(hidden, weight, labels))
+    frozen = causal_lm_loss(hidden, weight.detach(), labels, backend="auto")
+    assert torch.equal(frozen, chunked_causal_lm_loss(hidden, weight.detach(), labels))
