@@ -248,17 +248,18 @@ class ModuleSampler:
         x = np.asarray(sq_norms, dtype=np.float64)
         if x.shape != shape:
             raise ValueError(f"sq_norms must have shape {shape}, got {x.shape}")
-        at = mask.nonzero()
-        seen = x[at]
+        at = np.flatnonzero(mask)  # flat indices s·B + b into the (S, B) state, all C-contiguous
+        seen = x.reshape(-1).take(at)
         if not ((seen >= 0) & (seen < np.inf)).all():  # NaN fails the first test
             raise ValueError("sq_norms must be finite and non-negative where the mask is set")
         b = self.ema_beta
-        ema = b * self._ema[at] + (1.0 - b) * seen
-        count = self._count[at] + 1
-        self._ema[at], self._count[at] = ema, count
-        self._score[at] = score = ema / (1.0 - b ** count)
-        self._weight[at] = self._weights(score, at[1])
-        self._last_used[at] = np.maximum(self._last_used[at], 0)  # observed counts as used
+        ema_all, count_all, last_all = self._ema.reshape(-1), self._count.reshape(-1), self._last_used.reshape(-1)
+        ema = b * ema_all.take(at) + (1.0 - b) * seen
+        count = count_all.take(at) + 1
+        ema_all[at], count_all[at] = ema, count
+        self._score.reshape(-1)[at] = score = ema / (1.0 - b ** count)
+        self._weight.reshape(-1)[at] = self._weights(score, at % self.n_modules)
+        last_all[at] = np.maximum(last_all.take(at), 0)  # observed counts as used
 
     # ------------------------------------------------------------------ targets
     def _rates(self, scores: np.ndarray) -> np.ndarray:
@@ -349,8 +350,8 @@ class ModuleSampler:
         tried = recency <= np.partition(recency, k - 1, axis=1)[:, k - 1:k] if k else np.zeros(keys.shape, bool)
         if self.explore:
             tried |= self._last_used == _NEVER
-        keys[tried] = recency[tried] - (self.n_draws + 2.0) * B  # negative: before every weighted key, in LRU order
-        return self._first_fit(keys)
+        # negative: before every weighted key, in LRU order
+        return self._first_fit(np.where(tried, recency - (self.n_draws + 2.0) * B, keys))
 
     def _explore_keys(self, rows: np.ndarray) -> np.ndarray:
         """Random keys over the never-used modules of ``rows`` (inf elsewhere), for an exploration pack."""
@@ -424,7 +425,9 @@ class ModuleSampler:
                 field of the wrong type or shape, or scores that are negative or not finite.
         """
         parsed = _parse_state(state, self)
-        self._ema, self._count, self._last_used = parsed["ema"], parsed["count"], parsed["last_used"]
+        # C-contiguous, as observe_mask writes through flat views
+        self._ema, self._count, self._last_used = (np.ascontiguousarray(parsed[key])
+                                                   for key in ("ema", "count", "last_used"))
         self._cycle, self._cycle_pos = parsed["cycle"], parsed["cycle_pos"]
         self.n_draws, self._last = parsed["n_draws"], parsed["last_inclusion"]
         self.rng.bit_generator.state = parsed["rng"]

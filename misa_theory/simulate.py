@@ -234,7 +234,10 @@ class _State:
     problem: Problem
     oracle: GradientOracle
     rng: np.random.Generator
-    noise_std: np.ndarray | None  # σ·noise_std per coordinate of every seed, (S·n,); None without noise
+    # σ·noise_std: per (seed, module) pair (S·M,) where it is constant on every module, else per coordinate of
+    # every seed (S·n,); None without noise
+    noise_std: np.ndarray | None
+    noise_per_module: bool
     step: float  # α (sgd: α_sgd)
     sgd: bool
     retain: bool  # park the moments of modules that leave
@@ -260,8 +263,13 @@ def _init_state(problem: Problem, rule: str, S: int, cfg: SimConfig, seed: int,
     sgd = rule == "sgd" or (not full and cfg.optimizer == "sgd")
     step = cfg.sgd_alpha if rule == "sgd" and cfg.sgd_alpha is not None else cfg.alpha
     rng = np.random.Generator(np.random.SFC64([seed, ALL_RULES.index(rule)]))
-    noise_std = np.tile(cfg.sigma * problem.noise_std, S) if cfg.sigma > 0 else None
-    return _State(problem=problem, oracle=oracle, rng=rng, noise_std=noise_std, step=float(step), sgd=sgd,
+    scaled = cfg.sigma * problem.noise_std
+    first = scaled[problem.offsets[:-1]]
+    # a per-module scale is repeated over the active runs: cheaper than gathering a per-coordinate table
+    per_module = bool(np.array_equal(scaled, np.repeat(first, problem.sizes)))
+    noise_std = None if cfg.sigma == 0 else np.tile(first if per_module else scaled, S)
+    return _State(problem=problem, oracle=oracle, rng=rng, noise_std=noise_std, noise_per_module=per_module,
+                  step=float(step), sgd=sgd,
                   retain=cfg.retain_state or rule == "adam", reset=cfg.reset_state and not full,
                   amsgrad=cfg.amsgrad, flush=cfg.momentum_flush and not full,
                   all_on=np.ones((S, M), dtype=bool), m=np.zeros(S * n), v=np.zeros(S * n), b1c=np.ones(S * M),
@@ -289,8 +297,9 @@ def _inner_steps(state: _State, active: Active, keep: np.ndarray, cfg: SimConfig
     """T steps of Adam (or SGD) on the active coordinates; returns Σ_t ‖g_{t,b}‖² per active pair.
 
     ``keep`` (P,) says which active pairs continue their Adam state; the others start from zero state."""
-    idx, lens = active.idx, active.lens
-    noise = None if state.noise_std is None else state.noise_std[idx]
+    lens = active.lens
+    pair = active.seed * state.problem.n_modules + active.module  # row of the (S·M,) per-pair arrays
+    noise = _noise_scale(state, active, pair)
     g = np.empty(active.size)
     sq = np.zeros(lens.size)
     if state.sgd:
@@ -298,14 +307,16 @@ def _inner_steps(state: _State, active: Active, keep: np.ndarray, cfg: SimConfig
             _noisy_grad(state, active, noise, g, sq)
             state.oracle.step(active, state.step * g)
         return sq
-    pair = active.seed * state.problem.n_modules + active.module  # row of the (S·M,) step-count arrays
-    m, v, b1c, b2c = state.m[idx], state.v[idx], state.b1c[pair], state.b2c[pair]
-    vbar = state.vmax[idx] if state.amsgrad else v  # the v the denominator uses
-    if not keep.all():  # pairs that enter: zero moments, step count 0
-        fresh = np.repeat(~keep, lens)
-        m[fresh], v[fresh], b1c[~keep], b2c[~keep] = 0.0, 0.0, 1.0, 1.0
+    idx = active.idx
+    m, v, b1c, b2c = state.m.take(idx), state.v.take(idx), state.b1c[pair], state.b2c[pair]
+    vbar = state.vmax.take(idx) if state.amsgrad else v  # the v the denominator uses
+    if not keep.all():  # pairs that enter: zero moments (by a 0/1 factor: cheaper than a mask), step count 0
+        kept = keep.astype(np.float64).repeat(lens)
+        m *= kept
+        v *= kept
+        b1c[~keep], b2c[~keep] = 1.0, 1.0
         if state.amsgrad:
-            vbar[fresh] = 0.0
+            vbar *= kept
     for _ in range(cfg.T):
         _noisy_grad(state, active, noise, g, sq)
         m = cfg.beta1 * m + (1.0 - cfg.beta1) * g
@@ -322,6 +333,15 @@ def _inner_steps(state: _State, active: Active, keep: np.ndarray, cfg: SimConfig
     return sq
 
 
+def _noise_scale(state: _State, active: Active, pair: np.ndarray) -> np.ndarray | None:
+    """σ·noise_std on the active coordinates (A,), run after run; ``pair`` (P,) = seed·M + module."""
+    if state.noise_std is None:
+        return None
+    if state.noise_per_module:
+        return state.noise_std[pair].repeat(active.lens)
+    return state.noise_std.take(active.idx)
+
+
 def _noisy_grad(state: _State, active: Active, noise: np.ndarray | None, g: np.ndarray, sq: np.ndarray) -> None:
     """g ← ∇f(θ) + ξ on the active coordinates, and sq += ‖g_b‖² per active pair."""
     state.oracle.grad_at(active, g)
@@ -336,10 +356,14 @@ def _adam_direction(m: np.ndarray, v: np.ndarray, b1c: np.ndarray, b2c: np.ndarr
                     eps: float, scale: float) -> np.ndarray:
     """scale·m̂/(√v̂ + ε) with m̂ = m/(1 − β₁^c), v̂ = v/(1 − β₂^c); b1c = β₁^c and b2c = β₂^c are given per pair
     (P,) and hold on each pair's ``lens`` coordinates."""
-    den = v / np.repeat(1.0 - b2c, lens)
+    per_pair = np.empty((2, lens.size))
+    np.subtract(1.0, b2c, out=per_pair[0])
+    np.divide(scale, 1.0 - b1c, out=per_pair[1])
+    c2, c1 = per_pair.repeat(lens, axis=1)  # one repeat for both factors
+    den = np.divide(v, c2, out=c2)
     np.sqrt(den, out=den)
     den += eps
-    out = np.repeat(scale / (1.0 - b1c), lens) * m
+    out = np.multiply(c1, m, out=c1)
     out /= den
     return out
 

@@ -283,3 +283,23 @@ def test_proof_constants_are_bounds_of_the_problem():
     assert proof_bound(replace(c, pi_min=0.0), 0.1, 10) == np.inf
     with pytest.raises(ValueError, match="optimizer"):
         proof_constants(p, SimConfig(), 0.25)
+
+
+@pytest.mark.parametrize("per_module", [True, False])
+def test_noise_scale_is_sigma_noise_std_on_the_active_coordinates(per_module):
+    """The per-module scale (repeated over runs) and the per-coordinate table (gathered) give σ·noise_std of
+    each active coordinate; the first where noise_std is constant on every module, the second otherwise."""
+    from misa_theory.oracle import Active
+    from misa_theory.simulate import _init_state, _noise_scale
+
+    prob = RobustFeatures(n_layers=3, d=8, kv=4, ff=28)
+    if not per_module:
+        prob.noise_std = prob.noise_std * (1.0 + 0.25 * (np.arange(prob.n_params) % 3))
+    cfg = SimConfig(sigma=0.3, delta=0.3)
+    S = 3
+    sampler = ModuleSampler(prob.sizes, prob.groups, delta=cfg.delta, seed=0, streams=S)
+    state = _init_state(prob, "misa", S, cfg, 0, sampler)
+    assert state.noise_per_module is per_module
+    active = Active.from_mask(sampler.draw_mask(), prob.sizes, prob.offsets[:-1], prob.n_params)
+    got = _noise_scale(state, active, active.seed * prob.n_modules + active.module)
+    np.testing.assert_array_equal(got, np.tile(cfg.sigma * prob.noise_std, S)[active.idx])
