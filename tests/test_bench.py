@@ -125,14 +125,13 @@ def test_loss_memory_torch_policies_add_a_row_per_variant(tmp_path):
     from benchmarks import loss_memory
     from misa_train.losses import has_torch_linear_ce
 
-    if not has_torch_linear_ce():
-        pytest.skip("the installed torch has no F.linear_cross_entropy")
     out = tmp_path / "loss.json"
     assert loss_memory.main(["--device", "cpu", "--vocab", "300", "--seq", "40", "--hidden", "16", "--repeats", "1",
                              "--dtype", "fp32", "--torch-policies", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["backend"] for r in rows] == ["chunked", "torch", "torch:bf16mean", "torch:compact", "torch:balanced",
-                                            "torch:accurate", "reference"]
+    torch_rows = ["torch", "torch:bf16mean", "torch:compact", "torch:balanced", "torch:accurate"]
+    # without F.linear_cross_entropy the torch rows are left out, not failed
+    assert [r["backend"] for r in rows] == ["chunked", *(torch_rows if has_torch_linear_ce() else []), "reference"]
     assert all(r["rel_diff_vs_chunked"] < 1e-5 and r["grad_rel_diff_vs_chunked"] < 1e-5 for r in rows)
 
 
