@@ -52,8 +52,8 @@ class Active:
     ``seed``/``module`` (P,) the selected pairs, sorted by module, then seed; ``lens`` (P,) their sizes n_b;
     ``starts`` (P,) where each pair's run begins in the concatenation of the runs, ``size`` = Σ n_b its length
     A.  Module b of seed s covers the flat indices s·n + offsets[b] + [0, n_b) of θ.reshape(-1); ``idx`` (A,)
-    lists them run after run (computed on first use: the simulator and :class:`RobustOracle` work per pair and
-    per slab and never need it).  The module-major order puts the pairs of equal-sized neighbouring modules
+    lists them run after run (computed on first use and kept: the simulator gathers its moments with it and
+    :class:`RobustOracle` moves θ with it).  The module-major order puts the pairs of equal-sized neighbouring modules
     next to each other, so :class:`RobustOracle` handles each such slab as one batched product; ``ordered`` says
     the order is known (:meth:`from_mask` builds it so), otherwise RobustOracle checks it.
     """
@@ -134,8 +134,8 @@ class DenseOracle(GradientOracle):
 
 
 #: What :meth:`RobustOracle._prepare` derives once per active set: the pairs' cache rows (P,), their modules
-#: (P,) and per non-empty slab (lo, hi, a0, a1, seeds, local module indices, F_bᵀ gathered, θ view).  The
-#: module constants the refresh needs are gathered there, after the gradient has been handed out.
+#: (P,) and per non-empty slab (lo, hi, a0, a1, F_bᵀ gathered).  The module constants the refresh needs are
+#: gathered there, after the gradient has been handed out.
 _Prepared = tuple[np.ndarray, np.ndarray, list[tuple]]
 
 
@@ -143,9 +143,9 @@ class RobustOracle(GradientOracle):
     """Incremental oracle for :class:`~misa_theory.problems.RobustFeatures` (see the module docstring).
 
     θ moves through :meth:`step` only, which also takes the products F_bᵀθ_b of the pairs it moved while their
-    coordinates are at hand; the rest of their refresh waits for the next query.  The per-step methods are
-    written for few interpreter operations: a block update costs some sixty small array operations, so Python
-    overhead is a large part of it."""
+    coordinates are at hand (:meth:`_products`); the rest of their refresh waits for the next query.  The
+    per-step methods are written for few interpreter operations: a block update costs some sixty small array
+    operations, so Python overhead is a large part of it."""
 
     def __init__(self, problem: RobustFeatures, theta: np.ndarray) -> None:
         super().__init__(problem, theta)
@@ -154,9 +154,9 @@ class RobustOracle(GradientOracle):
         mr = m + r
         self.S = S
         self._m, self._r, self._mr, self._S = m, r, mr, S
-        # per slab (a run of equal-sized modules): F_bᵀ = [A_b C_b]ᵀ of its modules, (count, m+r, size), and the
-        # view θ[:, slab].reshape(S, count, size) in which pair (s, b)'s coordinates are one row
-        self._slabs: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        # per slab (a run of equal-sized modules): its first module and F_bᵀ = [A_b C_b]ᵀ of its modules,
+        # (count, m+r, size)
+        self._slabs: list[tuple[int, np.ndarray]] = []
         # per module, gathered as one row per pair and padded with r zeros to the m+r columns of F_bᵀθ_b:
         # (y_b, 0), (2·s_b/m, 0) (the 2 of φ'(t) = 2t/(1+t²)² folded in) and K_b = [A_bᵀA_b 0; 2·C_bᵀA_b 0]
         self._const = np.zeros((M, 2 * mr + mr * mr))
@@ -164,7 +164,7 @@ class RobustOracle(GradientOracle):
             f_t = np.empty((count, mr, size))
             f_t[:, :m] = a_t
             f_t[:, m:] = p.coupling_features[start:start + count * size].reshape(count, size, r).transpose(0, 2, 1)
-            self._slabs.append((first, size, f_t, self.theta[:, start:start + count * size].reshape(S, count, size)))
+            self._slabs.append((first, f_t))
             const = self._const[first:first + count]
             const[:, :m] = y
             const[:, mr:mr + m] = 2.0 * w
@@ -191,16 +191,13 @@ class RobustOracle(GradientOracle):
         self._prep_val: _Prepared | None = None
         everything = Active.from_mask(np.ones((S, M), dtype=bool), p.sizes, p.offsets[:-1], p.n_params)
         prep = self._prepare(everything)
-        lin = np.empty((everything.module.size, mr))
-        for lo, hi, _a0, _a1, seeds_j, local, f_g, view in prep[-1]:
-            np.matmul(f_g, view[seeds_j, local][:, :, None], lin[lo:hi, :, None])
+        lin = self._products(prep, self.flat.take(everything.idx))
         # pairs moved but not yet refreshed, in step order: (active, prepared, their F_bᵀθ_b after the step)
         self._pending: list[tuple[Active, _Prepared, np.ndarray]] = [(everything, prep, lin)]
 
     def _prepare(self, active: Active) -> _Prepared:
         """Cache rows and modules of the pairs, and per non-empty slab: the pairs' range [lo, hi), their
-        coordinates' range [a0, a1) in the run concatenation, their seeds and module indices within the slab, the
-        gathered F_bᵀ (hi − lo, m+r, size) and the slab's θ view.
+        coordinates' range [a0, a1) in the run concatenation and the gathered F_bᵀ (hi − lo, m+r, size).
 
         Kept for the last active set seen: grad_at, step and the next refresh all ask about the same one."""
         if active is self._prep_key:
@@ -212,15 +209,21 @@ class RobustOracle(GradientOracle):
         local_all = self._local[mods]
         parts = []
         a0 = 0  # module order: slab after slab, each pair of a slab with `size` coordinates
-        for (_first, size, f_t, view), lo, hi in zip(self._slabs, bounds[:-1], bounds[1:], strict=True):
+        for (_first, f_t), lo, hi in zip(self._slabs, bounds[:-1], bounds[1:], strict=True):
             if lo < hi:
-                local = local_all[lo:hi]
-                a1 = a0 + (hi - lo) * size
-                parts.append((lo, hi, a0, a1, seeds[lo:hi], local, f_t.take(local, 0), view))
+                a1 = a0 + (hi - lo) * f_t.shape[2]
+                parts.append((lo, hi, a0, a1, f_t.take(local_all[lo:hi], 0)))
                 a0 = a1
         val = (mods * self._S + seeds, mods, parts)
         self._prep_key, self._prep_val = active, val
         return val
+
+    def _products(self, prep: _Prepared, theta_runs: np.ndarray) -> np.ndarray:
+        """F_bᵀθ_b (P, m+r) of the prepared pairs from their coordinates ``theta_runs`` (A,), run after run."""
+        lin = np.empty((prep[0].size, self._mr))
+        for lo, hi, a0, a1, f_g in prep[-1]:
+            np.matmul(f_g, theta_runs[a0:a1].reshape(hi - lo, -1, 1), lin[lo:hi, :, None])
+        return lin
 
     def _refresh(self, prep: _Prepared, lin: np.ndarray) -> None:
         """Store the cache rows of the prepared pairs, given their products ``lin`` = F_bᵀθ_b (P, m+r).
@@ -291,7 +294,7 @@ class RobustOracle(GradientOracle):
         coeff[:, self._m:] = u.take(active.seed, 0)
         coeff = coeff[:, None, :]
         dst = out if out.flags.c_contiguous else np.empty(out.shape)
-        for lo, hi, a0, a1, _seeds, _local, f_g, _view in parts:
+        for lo, hi, a0, a1, f_g in parts:
             np.matmul(coeff[lo:hi], f_g, dst[a0:a1].reshape(hi - lo, 1, -1))
         if dst is not out:
             out[...] = dst
@@ -301,12 +304,10 @@ class RobustOracle(GradientOracle):
         if active.size == 0:
             return
         prep = self._prepare(active)
-        lin = np.empty((prep[0].size, self._mr))
-        for lo, hi, a0, a1, seeds, local, f_g, view in prep[-1]:
-            blk = view[seeds, local]  # the pairs' θ rows
-            blk -= delta[a0:a1].reshape(hi - lo, -1)
-            view[seeds, local] = blk
-            np.matmul(f_g, blk[:, :, None], lin[lo:hi, :, None])
+        moved = self.flat.take(active.idx)  # the pairs' θ, run after run
+        moved -= delta
+        self.flat[active.idx] = moved
+        lin = self._products(prep, moved)
         pending = self._pending
         if pending and pending[-1][0] is active:
             pending.pop()  # the same pairs again: this step's products supersede the last one's

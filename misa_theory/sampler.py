@@ -59,6 +59,7 @@ LAYER_RULES: tuple[str, ...] = ("lisa", "badam")
 SCORE_RULES: tuple[str, ...] = ("misa", "misa_norm", "optimal")
 EXPONENT_CAP = 5.0  # the authors' clip of η·G² in misa's exponent
 _NEVER = -1  # last_used of a module never drawn nor observed
+_CHUNK = 16  # modules of a first-fit order converted to Python ints at a time
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ class ModuleSampler:
             raise ValueError(f"sq_norms must have shape {shape}, got {x.shape}")
         at = np.flatnonzero(mask)  # flat indices s·B + b into the (S, B) state, all C-contiguous
         seen = x.reshape(-1).take(at)
-        if not ((seen >= 0) & (seen < np.inf)).all():  # NaN fails the first test
+        if seen.size and not (seen.min() >= 0 and seen.max() < np.inf):  # a NaN makes the minimum NaN
             raise ValueError("sq_norms must be finite and non-negative where the mask is set")
         b = self.ema_beta
         ema_all, count_all, last_all = self._ema.reshape(-1), self._count.reshape(-1), self._last_used.reshape(-1)
@@ -312,7 +313,7 @@ class ModuleSampler:
             self._last = None
         elif exploring is not None and exploring.any():
             modules = self._draw_pi_rows(np.flatnonzero(~exploring))
-            modules[exploring] = self._first_fit(self._explore_keys(exploring))
+            modules[exploring] = self._explore_pack(exploring)
             self._last = None
         elif self.rule == "badam":
             units = np.zeros((self.n_streams, self.n_units), dtype=bool)
@@ -322,7 +323,8 @@ class ModuleSampler:
             self._last = np.stack([self._target_row(s)[self._unit_of] for s in range(self.n_streams)])
         else:
             modules = self._draw_pi_rows(np.arange(self.n_streams))
-        if np.dot(modules, self.sizes).max() > self.budget:  # guaranteed by construction
+        # guaranteed by construction; misa's first-fit checks every module against what is left as it takes it
+        if self.rule != "misa" and np.dot(modules, self.sizes).max() > self.budget:
             raise AssertionError("ModuleSampler drew over budget; please report this as a bug")
         self._last_used[modules] = self.n_draws + 1
         self.n_draws += 1
@@ -353,27 +355,36 @@ class ModuleSampler:
         # negative: before every weighted key, in LRU order
         return self._first_fit(np.where(tried, recency - (self.n_draws + 2.0) * B, keys))
 
-    def _explore_keys(self, rows: np.ndarray) -> np.ndarray:
-        """Random keys over the never-used modules of ``rows`` (inf elsewhere), for an exploration pack."""
+    def _explore_pack(self, rows: np.ndarray) -> np.ndarray:
+        """First-fit of the never-used modules of ``rows`` in a random order: the exploration draw."""
         keys = self.rng.random((int(rows.sum()), self.n_modules))
-        keys[self._last_used[rows] != _NEVER] = np.inf
-        return keys
+        used = self._last_used[rows] != _NEVER
+        keys[used] = np.inf
+        return self._first_fit(keys, self.n_modules - used.sum(axis=1))
 
-    def _first_fit(self, keys: np.ndarray) -> np.ndarray:
-        """Modules in increasing ``keys`` (R, B) order (inf: skipped), each taken if it fits what is left."""
-        sizes, smallest, B = self._size_list, self._smallest, keys.shape[1]
-        finite = np.isfinite(keys).sum(axis=1)
-        some_inf = bool((finite < B).any())
+    def _first_fit(self, keys: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
+        """Modules in increasing ``keys`` (R, B) order, each taken if it fits what is left; with ``candidates``
+        (R,) only the first candidates[r] modules of row r's order are tried (the others have key inf)."""
+        sizes, smallest, R, B = self._size_list, self._smallest, keys.shape[0], keys.shape[1]
+        order = keys.argsort(axis=1)  # keys are distinct except inf (never tried), so the sort need not be stable
+        ends = [B] * R if candidates is None else candidates.tolist()
+        # a row is full after a few modules: turn the order into Python ints a chunk at a time
+        chunk = min(B, _CHUNK)
+        heads = order[:, :chunk].tolist()
         taken = []  # flat indices r·B + b
-        # keys are distinct except inf (skipped either way), so the sort need not be stable
-        for r, order in enumerate(keys.argsort(axis=1).tolist()):
-            left, row = self.budget, r * B
-            for b in order[:finite[r]] if some_inf else order:
-                if sizes[b] <= left:
-                    taken.append(row + b)
-                    left -= sizes[b]
-                    if left < smallest:  # nothing fits any more
-                        break
+        for r in range(R):
+            left, start, todo = self.budget, 0, heads[r]
+            while True:
+                for b in todo[:ends[r] - start]:
+                    if sizes[b] <= left:
+                        taken.append(r * B + b)
+                        left -= sizes[b]
+                        if left < smallest:  # nothing fits any more
+                            break
+                start += chunk
+                if start >= ends[r] or left < smallest:
+                    break
+                todo = order[r, start:start + chunk].tolist()
         chosen = np.zeros(keys.size, dtype=bool)
         chosen[taken] = True
         return chosen.reshape(keys.shape)

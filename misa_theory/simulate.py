@@ -245,13 +245,31 @@ class _State:
     amsgrad: bool
     flush: bool
     all_on: np.ndarray  # (S, M) all True: the baselines' active set
+    betas: np.ndarray  # (2, 1): β₁, β₂, so that one operation updates both moments or both β^c
+    # Adam's state with retain_state (and for the adam baseline), per coordinate of every seed:
     m: np.ndarray  # (S·n,) first moments; read only where a module kept its state
     v: np.ndarray  # (S·n,) second moments
-    # β₁^c and β₂^c per (seed, module) pair, (S·M,): the step count c is one number per module, as in ActiveAdamW
-    b1c: np.ndarray
-    b2c: np.ndarray
+    # rows β₁^c and β₂^c per (seed, module) pair, (2, S·M): the step count c is one number per module, as in
+    # ActiveAdamW
+    bias: np.ndarray
     vmax: np.ndarray  # (S·n,) running maximum of v (amsgrad)
-    prev: np.ndarray  # (S, M) the previous period's active set
+    # Without retain_state only the last period's pairs can keep their state, so it stays in that period's run
+    # order (a few percent of it is read again) instead of being scattered into per-coordinate arrays:
+    held: _Held
+
+
+@dataclass
+class _Held:
+    """The last period's Adam state, in its run order: pairs ``pair`` (P,) = seed·M + module with runs at
+    ``starts`` (P,), moments ``mv`` (2, A), β^c ``bias`` (2, P), ``vmax`` (A,) (amsgrad); ``where`` (S·M,) is each
+    pair's position in ``pair``, −1 for pairs that were not active."""
+
+    where: np.ndarray
+    pair: np.ndarray
+    starts: np.ndarray
+    mv: np.ndarray
+    bias: np.ndarray
+    vmax: np.ndarray | None
 
 
 def _init_state(problem: Problem, rule: str, S: int, cfg: SimConfig, seed: int,
@@ -272,33 +290,38 @@ def _init_state(problem: Problem, rule: str, S: int, cfg: SimConfig, seed: int,
                   step=float(step), sgd=sgd,
                   retain=cfg.retain_state or rule == "adam", reset=cfg.reset_state and not full,
                   amsgrad=cfg.amsgrad, flush=cfg.momentum_flush and not full,
-                  all_on=np.ones((S, M), dtype=bool), m=np.zeros(S * n), v=np.zeros(S * n), b1c=np.ones(S * M),
-                  b2c=np.ones(S * M), vmax=np.zeros(S * n if cfg.amsgrad else 0), prev=np.zeros((S, M), dtype=bool))
+                  all_on=np.ones((S, M), dtype=bool), betas=np.array([[cfg.beta1], [cfg.beta2]]),
+                  m=np.zeros(S * n), v=np.zeros(S * n), bias=np.ones((2, S * M)),
+                  vmax=np.zeros(S * n if cfg.amsgrad else 0), held=_nothing_held(S * M))
+
+
+def _nothing_held(pairs: int) -> _Held:
+    """No pair active in the last period (before the first one)."""
+    return _Held(np.full(pairs, -1), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((2, 0)),
+                 np.ones((2, 0)), None)
 
 
 def _period(state: _State, mask: np.ndarray, cfg: SimConfig) -> np.ndarray:
     """One block update on the active set ``mask`` (S, M); returns (1/T)Σ_t ‖g_{t,b}‖² as an (S, M) array."""
     p = state.problem
     active = Active.from_mask(mask, p.sizes, p.offsets[:-1], p.n_params)
-    sq = np.zeros(mask.shape)
+    sq = np.zeros(mask.size)
+    pair = active.seed * p.n_modules + active.module  # flat index of each active pair in (S, M) arrays
     # the trainer's ActiveAdamW: a module keeps (m, v, c) if it stayed active (or with retain_state)
-    prev, state.prev = state.prev, mask  # nothing writes to a drawn mask after this
+    keep = np.full(pair.size, not state.reset) if state.reset or state.retain else state.held.where.take(pair) >= 0
     if active.size == 0:
-        return sq
-    if state.reset or state.retain:
-        keep = np.full(active.lens.size, not state.reset)
+        state.held = _nothing_held(mask.size)
     else:
-        keep = prev[active.seed, active.module]
-    sq[active.seed, active.module] = _inner_steps(state, active, keep, cfg) / cfg.T
-    return sq
+        sq[pair] = _inner_steps(state, active, pair, keep, cfg) / cfg.T
+    return sq.reshape(mask.shape)
 
 
-def _inner_steps(state: _State, active: Active, keep: np.ndarray, cfg: SimConfig) -> np.ndarray:
+def _inner_steps(state: _State, active: Active, pair: np.ndarray, keep: np.ndarray, cfg: SimConfig) -> np.ndarray:
     """T steps of Adam (or SGD) on the active coordinates; returns Σ_t ‖g_{t,b}‖² per active pair.
 
-    ``keep`` (P,) says which active pairs continue their Adam state; the others start from zero state."""
+    ``pair`` (P,) = seed·M + module of the active pairs; ``keep`` (P,) says which of them continue their Adam
+    state, the others start from zero state."""
     lens = active.lens
-    pair = active.seed * state.problem.n_modules + active.module  # row of the (S·M,) per-pair arrays
     noise = _noise_scale(state, active, pair)
     g = np.empty(active.size)
     sq = np.zeros(lens.size)
@@ -307,30 +330,75 @@ def _inner_steps(state: _State, active: Active, keep: np.ndarray, cfg: SimConfig
             _noisy_grad(state, active, noise, g, sq)
             state.oracle.step(active, state.step * g)
         return sq
-    idx = active.idx
-    m, v, b1c, b2c = state.m.take(idx), state.v.take(idx), state.b1c[pair], state.b2c[pair]
-    vbar = state.vmax.take(idx) if state.amsgrad else v  # the v the denominator uses
-    if not keep.all():  # pairs that enter: zero moments (by a 0/1 factor: cheaper than a mask), step count 0
-        kept = keep.astype(np.float64).repeat(lens)
-        m *= kept
-        v *= kept
-        b1c[~keep], b2c[~keep] = 1.0, 1.0
-        if state.amsgrad:
-            vbar *= kept
+    # the pairs' (m, v), one row each so that one operation updates both; β₁^c and β₂^c (2, P); the v̄ of amsgrad
+    mv, bias, vbar = (_retained if state.retain else _carried)(state, active, pair, keep)
+    m, v = mv
+    vbar = v if vbar is None else vbar  # the v the denominator uses
+    betas, one_minus = state.betas, 1.0 - state.betas
     for _ in range(cfg.T):
         _noisy_grad(state, active, noise, g, sq)
-        m = cfg.beta1 * m + (1.0 - cfg.beta1) * g
-        v = cfg.beta2 * v + (1.0 - cfg.beta2) * g * g
-        b1c, b2c = b1c * cfg.beta1, b2c * cfg.beta2
+        new = one_minus * g  # m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g·g
+        new[1] *= g
+        mv *= betas
+        mv += new
+        bias *= betas
         vbar = np.maximum(vbar, v) if state.amsgrad else v
-        state.oracle.step(active, _adam_direction(m, vbar, b1c, b2c, lens, cfg.eps, state.step))
+        state.oracle.step(active, _adam_direction(m, vbar, bias, lens, cfg.eps, state.step))
     if state.flush:  # the momentum that would otherwise be lost, in one step
-        state.oracle.step(active, _adam_direction(m, vbar, b1c, b2c, lens, cfg.eps,
+        state.oracle.step(active, _adam_direction(m, vbar, bias, lens, cfg.eps,
                                                   state.step * cfg.beta1 / (1.0 - cfg.beta1)))
-    state.m[idx], state.v[idx], state.b1c[pair], state.b2c[pair] = m, v, b1c, b2c
-    if state.amsgrad:
-        state.vmax[idx] = vbar
+    if state.retain:
+        idx = active.idx
+        state.m[idx], state.v[idx] = m, v
+        state.bias[:, pair] = bias
+        if state.amsgrad:
+            state.vmax[idx] = vbar
+    else:
+        state.held.where[state.held.pair] = -1
+        state.held.where[pair] = np.arange(pair.size)
+        state.held = _Held(state.held.where, pair, active.starts, mv, bias, vbar if state.amsgrad else None)
     return sq
+
+
+def _retained(state: _State, active: Active, pair: np.ndarray,
+              keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(m, v) (2, A), β^c (2, P) and v̄ (A,) or None of the active pairs from the per-coordinate state; pairs not
+    in ``keep`` start from zero state."""
+    idx = active.idx
+    mv = np.empty((2, active.size))
+    state.m.take(idx, out=mv[0])
+    state.v.take(idx, out=mv[1])
+    bias = state.bias.take(pair, axis=1)
+    vbar = state.vmax.take(idx) if state.amsgrad else None
+    if not keep.all():  # pairs that enter: zero moments (by a 0/1 factor: cheaper than a mask), step count 0
+        kept = keep.astype(np.float64).repeat(active.lens)
+        mv *= kept
+        bias[:, ~keep] = 1.0
+        if vbar is not None:
+            vbar *= kept
+    return mv, bias, vbar
+
+
+def _carried(state: _State, active: Active, pair: np.ndarray,
+             keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """As :func:`_retained`, from the last period's state (:class:`_Held`): zero state except for the ``keep``
+    pairs, which were active in the last period."""
+    mv = np.zeros((2, active.size))
+    bias = np.ones((2, pair.size))
+    vbar = np.zeros(active.size) if state.amsgrad else None
+    if keep.any():
+        held = state.held
+        here = np.flatnonzero(keep)
+        there = held.where.take(pair.take(here))  # the kept pairs' positions in the last period
+        bias[:, here] = held.bias.take(there, axis=1)
+        lens, starts = active.lens.take(here), active.starts.take(here)
+        ends = lens.cumsum()
+        dst = (starts - ends + lens).repeat(lens) + np.arange(int(ends[-1]))  # their coordinates, run after run
+        src = dst + (held.starts.take(there) - starts).repeat(lens)
+        mv[:, dst] = held.mv.take(src, axis=1)
+        if vbar is not None:
+            vbar[dst] = held.vmax.take(src)
+    return mv, bias, vbar
 
 
 def _noise_scale(state: _State, active: Active, pair: np.ndarray) -> np.ndarray | None:
@@ -352,14 +420,13 @@ def _noisy_grad(state: _State, active: Active, noise: np.ndarray | None, g: np.n
     sq += np.add.reduceat(g * g, active.starts)
 
 
-def _adam_direction(m: np.ndarray, v: np.ndarray, b1c: np.ndarray, b2c: np.ndarray, lens: np.ndarray,
-                    eps: float, scale: float) -> np.ndarray:
-    """scale·m̂/(√v̂ + ε) with m̂ = m/(1 − β₁^c), v̂ = v/(1 − β₂^c); b1c = β₁^c and b2c = β₂^c are given per pair
-    (P,) and hold on each pair's ``lens`` coordinates."""
-    per_pair = np.empty((2, lens.size))
-    np.subtract(1.0, b2c, out=per_pair[0])
-    np.divide(scale, 1.0 - b1c, out=per_pair[1])
-    c2, c1 = per_pair.repeat(lens, axis=1)  # one repeat for both factors
+def _adam_direction(m: np.ndarray, v: np.ndarray, bias: np.ndarray, lens: np.ndarray, eps: float,
+                    scale: float) -> np.ndarray:
+    """scale·m̂/(√v̂ + ε) with m̂ = m/(1 − β₁^c), v̂ = v/(1 − β₂^c); ``bias`` (2, P) holds β₁^c and β₂^c per pair,
+    each on its pair's ``lens`` coordinates."""
+    per_pair = np.subtract(1.0, bias)
+    np.divide(scale, per_pair[0], out=per_pair[0])
+    c1, c2 = per_pair.repeat(lens, axis=1)  # one repeat for both factors
     den = np.divide(v, c2, out=c2)
     np.sqrt(den, out=den)
     den += eps

@@ -404,3 +404,27 @@ def test_load_state_dict_names_a_bad_field(key: str, value: object) -> None:
 def test_load_state_dict_refuses_a_non_dict() -> None:
     with pytest.raises(ValueError, match="dict"):
         ModuleSampler([10, 20, 30], delta=0.5).load_state_dict([1, 2])
+
+
+@given(st.integers(1, 60), st.integers(1, 4), st.data())
+def test_first_fit_takes_modules_in_key_order_while_they_fit(n: int, rows: int, data: st.DataObject) -> None:
+    """The fill behind misa and the exploration draws equals the plain loop over the whole order, also for rows
+    that need more modules of the order than one converted chunk holds (many modules too large to fit)."""
+    sizes = np.array(data.draw(st.lists(st.sampled_from([1, 7, 40]), min_size=n, max_size=n)), dtype=np.int64)
+    budget = data.draw(st.integers(int(sizes.min()), int(sizes.sum())))
+    total = 2 * int(sizes.sum())
+    s = ModuleSampler(sizes, delta=(budget + 0.5) / total, total_params=total, rule="misa", streams=rows)
+    assert s.budget == budget
+    keys = np.random.default_rng(data.draw(st.integers(0, 2**31))).random((rows, n))
+    limited = data.draw(st.booleans())
+    candidates = np.array(data.draw(st.lists(st.integers(0, n), min_size=rows, max_size=rows))) if limited else None
+    if limited:
+        keys[np.argsort(keys, axis=1).argsort(axis=1) >= candidates[:, None]] = np.inf
+    want = np.zeros((rows, n), dtype=bool)
+    for r in range(rows):
+        left = s.budget
+        for b in np.argsort(keys[r])[:n if candidates is None else candidates[r]]:
+            if sizes[b] <= left:
+                want[r, b] = True
+                left -= sizes[b]
+    np.testing.assert_array_equal(s._first_fit(keys, candidates), want)

@@ -56,10 +56,11 @@ def test_full_budget_block_adam_keeps_moments_as_the_trainer_does():
         np.testing.assert_allclose(res.grad_sq[:, 0], ref, rtol=1e-10)
 
 
-def _block_adam_reference(problem, draws, T, alpha, retain, b1=0.9, b2=0.999, eps=1e-8, alg1=False):
+def _block_adam_reference(problem, draws, T, alpha, retain, b1=0.9, b2=0.999, eps=1e-8, alg1=False, amsgrad=False):
     """One seed of block Adam on the given active sets, moments per module as misa_train's ActiveAdamW keeps them:
-    a module that stays keeps (m, v, c); one that leaves loses them unless ``retain``.  ``alg1``: the paper's
-    Algorithm 1 instead: zero state every period, v̂ from max(v̄, v), and the momentum flush at the period's end."""
+    a module that stays keeps (m, v, c); one that leaves loses them unless ``retain``.  ``amsgrad``: v̂ from the
+    running maximum v̄ of v, part of the module's state.  ``alg1``: the paper's Algorithm 1 instead: zero state
+    every period, v̂ from max(v̄, v), and the momentum flush at the period's end."""
     theta = problem.x0(1)[0].copy()
     state: dict[int, tuple] = {}
     prev: set[int] = set()
@@ -78,7 +79,7 @@ def _block_adam_reference(problem, draws, T, alpha, retain, b1=0.9, b2=0.999, ep
                 c += 1
                 m = b1 * m + (1 - b1) * g[sl]
                 v = b2 * v + (1 - b2) * g[sl] ** 2
-                vbar = np.maximum(vbar, v) if alg1 else v
+                vbar = np.maximum(vbar, v) if alg1 or amsgrad else v
                 theta[sl] -= alpha * (m / (1 - b1**c)) / (np.sqrt(vbar / (1 - b2**c)) + eps)
                 state[b] = (m, v, vbar, c)
         for b in sorted(active) if alg1 else ():
@@ -89,11 +90,13 @@ def _block_adam_reference(problem, draws, T, alpha, retain, b1=0.9, b2=0.999, ep
     return float(problem.grad_sq(theta[None])[0])
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("retain", [False, True])
 @pytest.mark.parametrize("rule", ["misa", "misa_norm"])
-def test_block_adam_matches_the_reference_in_every_seed(monkeypatch, rule, retain):
-    """Each seed of a multi-seed run is block Adam on its own active sets, with (m, v, c) kept, dropped or parked
-    per module exactly as the reference keeps them (the simulator stores c per (seed, module) pair)."""
+def test_block_adam_matches_the_reference_in_every_seed(monkeypatch, rule, retain, amsgrad):
+    """Each seed of a multi-seed run is block Adam on its own active sets, with (m, v, c) (and v̄) kept, dropped or
+    parked per module exactly as the reference keeps them (the simulator stores c per (seed, module) pair, and
+    without retain_state carries the last period's state in its run order)."""
     masks = []
     draw = ModuleSampler.draw_mask
 
@@ -104,11 +107,12 @@ def test_block_adam_matches_the_reference_in_every_seed(monkeypatch, rule, retai
 
     monkeypatch.setattr(ModuleSampler, "draw_mask", recording)
     p = make_problem("robust", n_layers=3)
-    res = simulate(p, rule, 12, 3, SimConfig(alpha=0.02, T=2, delta=0.3, retain_state=retain))
+    res = simulate(p, rule, 12, 3, SimConfig(alpha=0.02, T=2, delta=0.3, retain_state=retain, amsgrad=amsgrad))
     kept = sum(bool((a & b).any()) for a, b in zip(masks, masks[1:], strict=False))
     assert kept > 0  # some module stays active between periods, so the kept-moments path runs
     for s in range(3):
-        want = _block_adam_reference(p, [np.flatnonzero(mk[s]) for mk in masks], 2, 0.02, retain=retain)
+        want = _block_adam_reference(p, [np.flatnonzero(mk[s]) for mk in masks], 2, 0.02, retain=retain,
+                                     amsgrad=amsgrad)
         np.testing.assert_allclose(res.grad_sq[-1, s], want, rtol=1e-9)
 
 
