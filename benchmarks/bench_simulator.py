@@ -18,7 +18,8 @@ import numpy as np
 from misa_theory.oracle import Active, make_oracle
 from misa_theory.problems import RobustFeatures
 from misa_theory.sampler import ModuleSampler
-from misa_theory.simulate import SimConfig, alpha_for, simulate
+from misa_theory.sim_config import SimConfig, alpha_for
+from misa_theory.simulate import simulate
 
 
 def cost_split(prob: RobustFeatures, cfg: SimConfig, rule: str, seeds: int, n: int = 500) -> tuple[float, float]:

@@ -33,7 +33,9 @@ from scipy import stats
 
 from misa_theory.problems import RobustFeatures
 from misa_theory.sampler import ModuleSampler
-from misa_theory.simulate import BASELINES, SimConfig, SimResult, alpha_for, block_updates_to_target, simulate
+from misa_theory.sim_config import BASELINES, SimConfig, alpha_for
+from misa_theory.sim_stats import block_updates_to_target
+from misa_theory.simulate import SimResult, simulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sim_study_rate  # noqa: E402  (the rate section, next to this file)

@@ -18,7 +18,9 @@ import numpy as np
 
 from misa_theory.convergence import proof_bound, proof_constants, rate_check
 from misa_theory.sampler import ModuleSampler
-from misa_theory.simulate import SimConfig, alpha_for, rate_fit, simulate
+from misa_theory.sim_config import SimConfig, alpha_for
+from misa_theory.sim_stats import rate_fit
+from misa_theory.simulate import simulate
 
 #: α per horizon K for each schedule, given α₀ and the longest horizon.
 SCHEDULES: dict[str, Callable[[int, float, int], float]] = {

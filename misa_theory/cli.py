@@ -25,7 +25,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from .problems import Problem
-    from .simulate import SimConfig, SimResult
+    from .sim_config import SimConfig
+    from .simulate import SimResult
 
 PROG = "misa_theory"
 TOYS = ("llama3-8b",)
@@ -58,7 +59,7 @@ def _int_list(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of both sub-commands (defaults are the ones docs/simulator.md reports)."""
     from .problems import PROBLEMS
-    from .simulate import ALL_RULES
+    from .sim_config import ALL_RULES
 
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _rules(text: str) -> list[str]:
-    from .simulate import ALL_RULES
+    from .sim_config import ALL_RULES
 
     if text == "all":
         return list(ALL_RULES)
@@ -131,7 +132,7 @@ def _progress(total: int, desc: str):
 
 
 def _sim_config(args: argparse.Namespace, K: int) -> SimConfig:
-    from .simulate import SimConfig, alpha_for
+    from .sim_config import SimConfig, alpha_for
 
     sgd0 = args.sgd_alpha0 if args.sgd_alpha0 is not None else args.alpha0
     return SimConfig(alpha=alpha_for(K, args.alpha0), T=args.T, delta=args.delta, sigma=args.sigma, eta=args.eta,
@@ -140,7 +141,7 @@ def _sim_config(args: argparse.Namespace, K: int) -> SimConfig:
 
 def _check_simulate_args(args: argparse.Namespace, rules: list[str], Ks: list[int]) -> None:
     """Every input error of ``simulate`` before any work: one line naming the option, exit 2."""
-    from .simulate import check_run
+    from .sim_config import check_run
 
     checks = [("--alpha0", args.alpha0), ("--target-frac", args.target_frac)]
     if args.sgd_alpha0 is not None:
@@ -206,7 +207,9 @@ def _simulate_all(args: argparse.Namespace, problem: Problem, rules: list[str],
 def _report(args: argparse.Namespace, problem: Problem, results: dict[int, dict[str, SimResult]]) -> dict:
     """summary.json's content: the settings, per-run statistics, updates to the target, and rate fits."""
     from .convergence import rate_check
-    from .simulate import RateFit, alpha_for, block_updates_to_target, rate_fit, summarize
+    from .sim_config import alpha_for
+    from .sim_stats import RateFit, block_updates_to_target, rate_fit
+    from .simulate import summarize
 
     report: dict = {"problem": args.problem, "n_params": problem.n_params, "n_modules": problem.n_modules,
                     "seeds": args.seeds, "seed": args.seed, "T": args.T, "alpha0": args.alpha0, "delta": args.delta,

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .problems import Problem
-from .simulate import RateFit, SimConfig
+from .sim_config import SimConfig
+from .sim_stats import RateFit
 
 __all__ = ["ProofConstants", "proof_constants", "proof_bound", "rate_check"]
 

@@ -46,101 +46,10 @@ import numpy as np
 
 from .oracle import Active, GradientOracle, make_oracle
 from .problems import Problem
-from .sampler import RULES, ModuleSampler
+from .sampler import ModuleSampler
+from .sim_config import ALL_RULES, BASELINES, VARIANTS, SimConfig, check_run
 
-__all__ = ["ALL_RULES", "BASELINES", "VARIANTS", "SimConfig", "SimResult", "simulate", "check_run", "run_rules",
-           "alpha_for", "summarize", "rate_fit", "RateFit", "block_updates_to_target"]
-
-#: Baselines without a sampler.
-BASELINES: tuple[str, ...] = ("adam", "sgd")
-#: Named variants: a sampler rule run with fixed optimizer settings (they override the config's).
-VARIANTS: dict[str, tuple[str, dict[str, bool]]] = {
-    "misa_alg1": ("misa", {"amsgrad": True, "momentum_flush": True, "reset_state": True, "retain_state": False}),
-}
-#: Every rule the simulator runs: the sampler's rules, the full-parameter baselines, then the variants.
-ALL_RULES: tuple[str, ...] = tuple(RULES) + BASELINES + tuple(VARIANTS)
-
-
-def alpha_for(K: int, alpha0: float) -> float:
-    """Step size of the theory, α = α₀/√K, for a run of K block updates."""
-    if K <= 0:
-        raise ValueError(f"K must be positive, got {K}")
-    return float(alpha0) / float(np.sqrt(K))
-
-
-def _finite_at_least(value: float, low: float, name: str, strict: bool = False) -> None:
-    ok = np.isfinite(value) and (value > low if strict else value >= low)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '≥'} {low:g}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """Hyper-parameters of one run (α is absolute; use :func:`alpha_for` for α₀/√K).
-
-    delta: budget fraction δ ∈ (0, 1]; T: inner steps per block update; sigma: total noise std σ
-    (E‖ξ‖² = σ²); eta: η ≥ 0 of ``misa``/``misa_norm``; ema_beta: score EMA β ∈ [0, 1); beta1, beta2, eps:
-    Adam's; retain_state: park the moments of modules that leave (the trainer's ``retain_state``);
-    reset_state: zero state for every active module at every period (proofs/05); amsgrad: v̂ from the running
-    maximum of v; momentum_flush: the paper's end-of-period momentum step; sgd_alpha: step of the ``sgd``
-    baseline (default = α); min_inclusion: sampler floor on π ∈ [0, 1]; explore: the sampler's ``explore``;
-    optimizer: the sampled rules' inner steps, ``"adam"`` or ``"sgd"``; excluded: module indices never
-    activated (a negative control, π = 0).
-    """
-
-    alpha: float = 0.01
-    T: int = 5
-    delta: float = 0.25
-    sigma: float = 0.0
-    eta: float = 1.0
-    ema_beta: float = 0.9
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    retain_state: bool = False
-    reset_state: bool = False
-    amsgrad: bool = False
-    momentum_flush: bool = False
-    sgd_alpha: float | None = None
-    min_inclusion: float = 0.0
-    explore: bool = True
-    optimizer: str = "adam"
-    excluded: tuple[int, ...] = ()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field; the one place the simulator's settings are checked."""
-        if not 0.0 < self.delta <= 1.0:
-            raise ValueError(f"delta must lie in (0, 1], got {self.delta}")
-        if isinstance(self.T, bool) or int(self.T) != self.T or self.T < 1:
-            raise ValueError(f"T must be an integer ≥ 1, got {self.T}")
-        _finite_at_least(self.alpha, 0.0, "alpha", strict=True)
-        if self.sgd_alpha is not None:
-            _finite_at_least(self.sgd_alpha, 0.0, "sgd_alpha", strict=True)
-        _finite_at_least(self.sigma, 0.0, "sigma")
-        _finite_at_least(self.eta, 0.0, "eta")
-        _finite_at_least(self.eps, 0.0, "eps", strict=True)
-        for name in ("ema_beta", "beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        if not 0.0 <= self.min_inclusion <= 1.0:
-            raise ValueError(f"min_inclusion must lie in [0, 1], got {self.min_inclusion}")
-        if self.retain_state and self.reset_state:
-            raise ValueError("reset_state and retain_state exclude each other")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if any(isinstance(b, bool) or int(b) != b or b < 0 for b in self.excluded):
-            raise ValueError(f"excluded must hold module indices ≥ 0, got {self.excluded!r}")
-
-
-def check_run(rule: str, K: int, n_seeds: int) -> None:
-    """Raise ValueError naming ``rule``, ``K`` or ``n_seeds`` when one of them is not a valid run."""
-    if rule not in ALL_RULES:
-        raise ValueError(f"rule must be one of {', '.join(ALL_RULES)}; got {rule!r}")
-    if K <= 0:
-        raise ValueError(f"K must be positive, got {K}")
-    if n_seeds <= 0:
-        raise ValueError(f"n_seeds must be positive, got {n_seeds}")
-
+__all__ = ["SimResult", "simulate", "run_rules", "summarize"]
 
 @dataclass
 class SimResult:
@@ -255,16 +164,16 @@ class _State:
     vmax: np.ndarray  # (S·n,) running maximum of v (amsgrad)
     # Without retain_state only the last period's pairs can keep their state, so it stays in that period's run
     # order (a few percent of it is read again) instead of being scattered into per-coordinate arrays:
-    held: _Held
+    last: _LastPeriod
 
 
 @dataclass
-class _Held:
+class _LastPeriod:
     """The last period's Adam state, in its run order: pairs ``pair`` (P,) = seed·M + module with runs at
-    ``starts`` (P,), moments ``mv`` (2, A), β^c ``bias`` (2, P), ``vmax`` (A,) (amsgrad); ``where`` (S·M,) is each
+    ``starts`` (P,), moments ``mv`` (2, A), β^c ``bias`` (2, P), ``vmax`` (A,) (amsgrad); ``position`` (S·M,) is each
     pair's position in ``pair``, −1 for pairs that were not active."""
 
-    where: np.ndarray
+    position: np.ndarray
     pair: np.ndarray
     starts: np.ndarray
     mv: np.ndarray
@@ -292,12 +201,12 @@ def _init_state(problem: Problem, rule: str, S: int, cfg: SimConfig, seed: int,
                   amsgrad=cfg.amsgrad, flush=cfg.momentum_flush and not full,
                   all_on=np.ones((S, M), dtype=bool), betas=np.array([[cfg.beta1], [cfg.beta2]]),
                   m=np.zeros(S * n), v=np.zeros(S * n), bias=np.ones((2, S * M)),
-                  vmax=np.zeros(S * n if cfg.amsgrad else 0), held=_nothing_held(S * M))
+                  vmax=np.zeros(S * n if cfg.amsgrad else 0), last=_no_last_period(S * M))
 
 
-def _nothing_held(pairs: int) -> _Held:
+def _no_last_period(pairs: int) -> _LastPeriod:
     """No pair active in the last period (before the first one)."""
-    return _Held(np.full(pairs, -1), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((2, 0)),
+    return _LastPeriod(np.full(pairs, -1), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((2, 0)),
                  np.ones((2, 0)), None)
 
 
@@ -308,9 +217,9 @@ def _period(state: _State, mask: np.ndarray, cfg: SimConfig) -> np.ndarray:
     sq = np.zeros(mask.size)
     pair = active.seed * p.n_modules + active.module  # flat index of each active pair in (S, M) arrays
     # the trainer's ActiveAdamW: a module keeps (m, v, c) if it stayed active (or with retain_state)
-    keep = np.full(pair.size, not state.reset) if state.reset or state.retain else state.held.where.take(pair) >= 0
+    keep = np.full(pair.size, not state.reset) if state.reset or state.retain else state.last.position.take(pair) >= 0
     if active.size == 0:
-        state.held = _nothing_held(mask.size)
+        state.last = _no_last_period(mask.size)
     else:
         sq[pair] = _inner_steps(state, active, pair, keep, cfg) / cfg.T
     return sq.reshape(mask.shape)
@@ -354,9 +263,9 @@ def _inner_steps(state: _State, active: Active, pair: np.ndarray, keep: np.ndarr
         if state.amsgrad:
             state.vmax[idx] = vbar
     else:
-        state.held.where[state.held.pair] = -1
-        state.held.where[pair] = np.arange(pair.size)
-        state.held = _Held(state.held.where, pair, active.starts, mv, bias, vbar if state.amsgrad else None)
+        state.last.position[state.last.pair] = -1
+        state.last.position[pair] = np.arange(pair.size)
+        state.last = _LastPeriod(state.last.position, pair, active.starts, mv, bias, vbar if state.amsgrad else None)
     return sq
 
 
@@ -381,23 +290,23 @@ def _retained(state: _State, active: Active, pair: np.ndarray,
 
 def _carried(state: _State, active: Active, pair: np.ndarray,
              keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """As :func:`_retained`, from the last period's state (:class:`_Held`): zero state except for the ``keep``
+    """As :func:`_retained`, from the last period's state (:class:`_LastPeriod`): zero state except for the ``keep``
     pairs, which were active in the last period."""
     mv = np.zeros((2, active.size))
     bias = np.ones((2, pair.size))
     vbar = np.zeros(active.size) if state.amsgrad else None
     if keep.any():
-        held = state.held
+        last = state.last
         here = np.flatnonzero(keep)
-        there = held.where.take(pair.take(here))  # the kept pairs' positions in the last period
-        bias[:, here] = held.bias.take(there, axis=1)
+        there = last.position.take(pair.take(here))  # the kept pairs' positions in the last period
+        bias[:, here] = last.bias.take(there, axis=1)
         lens, starts = active.lens.take(here), active.starts.take(here)
         ends = lens.cumsum()
         dst = (starts - ends + lens).repeat(lens) + np.arange(int(ends[-1]))  # their coordinates, run after run
-        src = dst + (held.starts.take(there) - starts).repeat(lens)
-        mv[:, dst] = held.mv.take(src, axis=1)
+        src = dst + (last.starts.take(there) - starts).repeat(lens)
+        mv[:, dst] = last.mv.take(src, axis=1)
         if vbar is not None:
-            vbar[dst] = held.vmax.take(src)
+            vbar[dst] = last.vmax.take(src)
     return mv, bias, vbar
 
 
@@ -454,55 +363,3 @@ def summarize(res: SimResult) -> dict[str, float]:
     out["final_grad_sq"] = float(res.grad_sq[-1].mean())
     out["f_final"] = float(res.f_final.mean())
     return out
-
-
-@dataclass(frozen=True)
-class RateFit:
-    """Log-log fit of y(K) = C·K^slope over horizons K (y averaged over seeds).
-
-    slope with a 95% interval [lo, hi] (bootstrap over seeds, percentile), the linregress standard error,
-    C_fit = exp(intercept) and C_half = max_K y(K)·√K (the constant in y ≤ C/√K over the measured range);
-    ``covered`` = lo ≤ −1/2 (the fitted rate is at least as fast as 1/√K within the interval).
-    """
-
-    slope: float
-    lo: float
-    hi: float
-    stderr: float
-    C_fit: float
-    C_half: float
-    covered: bool
-    Ks: tuple[int, ...]
-    y: tuple[float, ...]
-
-
-def rate_fit(Ks: Sequence[int], per_seed: Sequence[np.ndarray], n_boot: int = 2000, seed: int = 0) -> RateFit:
-    """Fit log mean_s y_s(K) = log C + slope·log K; ``per_seed[i]`` holds y over seeds at horizon ``Ks[i]``.
-
-    The bootstrap resamples seed indices (the same resample at every K, since seed s at horizon K and at K'
-    share the sampler seed) and refits, giving the 2.5/97.5% percentiles of the slope.
-    """
-    from scipy.stats import linregress
-
-    Ks_arr = np.asarray(Ks, dtype=float)
-    Y = np.stack([np.asarray(y, dtype=float) for y in per_seed])  # (nK, S)
-    x = np.log(Ks_arr)
-    fit = linregress(x, np.log(Y.mean(axis=1)))
-    rng = np.random.default_rng(seed)
-    S = Y.shape[1]
-    picks = rng.integers(0, S, size=(n_boot, S))
-    ym = np.log(Y[:, picks].mean(axis=2))  # (nK, n_boot)
-    xc = x - x.mean()
-    slopes = (xc @ (ym - ym.mean(axis=0))) / (xc @ xc)
-    lo, hi = np.percentile(slopes, [2.5, 97.5])
-    y = Y.mean(axis=1)
-    return RateFit(float(fit.slope), float(lo), float(hi), float(fit.stderr), float(np.exp(fit.intercept)),
-                   float(np.max(y * np.sqrt(Ks_arr))), bool(lo <= -0.5 + 1e-9), tuple(int(k) for k in Ks),
-                   tuple(float(v) for v in y))
-
-
-def block_updates_to_target(grad_sq: np.ndarray, target: float) -> np.ndarray:
-    """First k with ‖∇f(θ_k)‖² ≤ target, per seed (shape (S,)); K+1 where never reached (censored)."""
-    hit = grad_sq <= target
-    first = np.argmax(hit, axis=0)
-    return np.where(hit.any(axis=0), first, grad_sq.shape[0]).astype(np.int64)

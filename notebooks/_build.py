@@ -152,7 +152,9 @@ NB2 = [
     new_code_cell(SETUP),
     new_code_cell('''from misa_theory.problems import make_problem
 from misa_theory.convergence import rate_check
-from misa_theory.simulate import SimConfig, alpha_for, simulate, rate_fit, block_updates_to_target
+from misa_theory.sim_config import SimConfig, alpha_for
+from misa_theory.sim_stats import block_updates_to_target, rate_fit
+from misa_theory.simulate import simulate
 problem = make_problem("robust", heterogeneity=2.0)
 Ks = [30, 100, 300] if SMALL else [100, 300, 1000, 3000]  # horizons past the first periods' transient
 SEEDS = 3 if SMALL else 10
@@ -208,7 +210,8 @@ NB3 = [
                       "empirical marginals against the target π the sampler reports."),
     new_code_cell(SETUP),
     new_code_cell('''from misa_theory.problems import make_problem
-from misa_theory.simulate import SimConfig, simulate
+from misa_theory.sim_config import SimConfig
+from misa_theory.simulate import simulate
 problem = make_problem("robust", heterogeneity=2.0)
 K = 60 if SMALL else 600
 out = {r: simulate(problem, r, K, 1, SimConfig(alpha=0.3 / np.sqrt(K), T=2, sigma=0.05), record_draws=True)

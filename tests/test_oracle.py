@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from misa_theory.oracle import Active, DenseOracle, RobustOracle, make_oracle
 from misa_theory.problems import RobustFeatures, make_problem
-from misa_theory.simulate import SimConfig, simulate
+from misa_theory.sim_config import SimConfig
+from misa_theory.simulate import simulate
 
 
 def gather(problem, mask: np.ndarray) -> Active:

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 import misa_theory.simulate as sim
 from misa_theory.problems import make_problem
 from misa_theory.sampler import ModuleSampler
-from misa_theory.simulate import SimConfig, simulate
+from misa_theory.sim_config import SimConfig
+from misa_theory.simulate import simulate
 
 from .test_sampler_props import _class_bias_bound, _llama_like, sampler_args
 

@@ -10,15 +10,9 @@ import pytest
 from misa_theory.convergence import proof_bound, proof_constants, rate_check
 from misa_theory.problems import RobustFeatures, make_problem
 from misa_theory.sampler import ModuleSampler
-from misa_theory.simulate import (
-    ALL_RULES,
-    SimConfig,
-    alpha_for,
-    block_updates_to_target,
-    rate_fit,
-    simulate,
-    summarize,
-)
+from misa_theory.sim_config import ALL_RULES, SimConfig, alpha_for
+from misa_theory.sim_stats import block_updates_to_target, rate_fit
+from misa_theory.simulate import simulate, summarize
 
 
 def _adam_reference(problem, steps: int, T: int, alpha: float, reset: bool, b1=0.9, b2=0.999, eps=1e-8):
