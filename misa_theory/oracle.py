@@ -52,10 +52,11 @@ class Active:
     ``seed``/``module`` (P,) the selected pairs, sorted by module, then seed; ``lens`` (P,) their sizes n_b;
     ``starts`` (P,) where each pair's run begins in the concatenation of the runs, ``size`` = Σ n_b its length
     A.  Module b of seed s covers the flat indices s·n + offsets[b] + [0, n_b) of θ.reshape(-1); ``idx`` (A,)
-    lists them run after run (computed on first use and kept: the simulator gathers its moments with it and
-    :class:`RobustOracle` moves θ with it).  The module-major order puts the pairs of equal-sized neighbouring modules
-    next to each other, so :class:`RobustOracle` handles each such slab as one batched product; ``ordered`` says
-    the order is known (:meth:`from_mask` builds it so), otherwise RobustOracle checks it.
+    lists them run after run (computed on first use and kept: :class:`RobustOracle` moves θ with it, and the
+    simulator gathers per-coordinate Adam state with it under ``retain_state``).  The module-major order puts the
+    pairs of equal-sized neighbouring modules next to each other, so :class:`RobustOracle` handles each such slab
+    as one batched product; ``ordered`` says the order is known (:meth:`from_mask` builds it so), otherwise
+    RobustOracle checks it.
     """
 
     __slots__ = ("seed", "module", "starts", "lens", "size", "ordered", "_offsets", "_n", "_idx")
