@@ -406,25 +406,31 @@ def test_load_state_dict_refuses_a_non_dict() -> None:
         ModuleSampler([10, 20, 30], delta=0.5).load_state_dict([1, 2])
 
 
-@given(st.integers(1, 60), st.integers(1, 4), st.data())
-def test_first_fit_takes_modules_in_key_order_while_they_fit(n: int, rows: int, data: st.DataObject) -> None:
-    """The fill behind misa and the exploration draws equals the plain loop over the whole order, also for rows
-    that need more modules of the order than one converted chunk holds (many modules too large to fit)."""
-    sizes = np.array(data.draw(st.lists(st.sampled_from([1, 7, 40]), min_size=n, max_size=n)), dtype=np.int64)
-    budget = data.draw(st.integers(int(sizes.min()), int(sizes.sum())))
-    total = 2 * int(sizes.sum())
-    s = ModuleSampler(sizes, delta=(budget + 0.5) / total, total_params=total, rule="misa", streams=rows)
-    assert s.budget == budget
-    keys = np.random.default_rng(data.draw(st.integers(0, 2**31))).random((rows, n))
-    limited = data.draw(st.booleans())
-    candidates = np.array(data.draw(st.lists(st.integers(0, n), min_size=rows, max_size=rows))) if limited else None
-    if limited:
-        keys[np.argsort(keys, axis=1).argsort(axis=1) >= candidates[:, None]] = np.inf
-    want = np.zeros((rows, n), dtype=bool)
-    for r in range(rows):
-        left = s.budget
-        for b in np.argsort(keys[r])[:n if candidates is None else candidates[r]]:
+def _first_fit_reference(keys: np.ndarray, sizes: np.ndarray, budget: int) -> np.ndarray:
+    """Each row's modules in increasing key order, each taken while it fits what is left: the plain loop."""
+    want = np.zeros(keys.shape, dtype=bool)
+    for r, row in enumerate(keys):
+        left = budget
+        for b in np.argsort(row):
             if sizes[b] <= left:
                 want[r, b] = True
                 left -= sizes[b]
-    np.testing.assert_array_equal(s._first_fit(keys, candidates), want)
+    return want
+
+
+@given(st.integers(1, 60), st.integers(1, 4), st.sampled_from(["misa", "misa_norm"]), st.data())
+def test_a_fill_takes_modules_in_key_order_while_they_fit(n: int, rows: int, rule: str, data: st.DataObject) -> None:
+    """The documented fills, against the plain loop over the whole order, with up to 60 modules so that rows pass
+    many modules too large to fit (the order is turned into Python ints a chunk at a time): misa's first draw
+    without tried modules is the Plackett–Luce order of keys E_b/p_b (E_b ~ Exp(1), all p_b equal before any
+    score); misa_norm's first draw explores, packing every module in a uniformly random order."""
+    sizes = np.array(data.draw(st.lists(st.sampled_from([1, 7, 40]), min_size=n, max_size=n)), dtype=np.int64)
+    budget = data.draw(st.integers(int(sizes.min()), int(sizes.sum())))
+    total = 2 * int(sizes.sum())
+    seed = data.draw(st.integers(0, 2**31))
+    s = ModuleSampler(sizes, delta=(budget + 0.5) / total, total_params=total, rule=rule, seed=seed, streams=rows,
+                      explore=rule == "misa_norm", lru_picks=0)
+    assert s.budget == budget
+    rng = np.random.default_rng(seed)  # the sampler's own generator, as documented
+    keys = rng.standard_exponential((rows, n)) if rule == "misa" else rng.random((rows, n))
+    np.testing.assert_array_equal(s.draw_mask(), _first_fit_reference(keys, sizes, budget))
