@@ -195,19 +195,21 @@ def _init_state(problem: Problem, rule: str, S: int, cfg: SimConfig, seed: int,
     # a per-module scale is repeated over the active runs: cheaper than gathering a per-coordinate table
     per_module = bool(np.array_equal(scaled, np.repeat(first, problem.sizes)))
     noise_std = None if cfg.sigma == 0 else np.tile(first if per_module else scaled, S)
+    retain = cfg.retain_state or rule == "adam"
+    coords, pairs = (S * n, S * M) if retain else (0, 0)  # the per-coordinate state serves retain_state only
     return _State(problem=problem, oracle=oracle, rng=rng, noise_std=noise_std, noise_per_module=per_module,
                   step=float(step), sgd=sgd,
-                  retain=cfg.retain_state or rule == "adam", reset=cfg.reset_state and not full,
+                  retain=retain, reset=cfg.reset_state and not full,
                   amsgrad=cfg.amsgrad, flush=cfg.momentum_flush and not full,
                   all_on=np.ones((S, M), dtype=bool), betas=np.array([[cfg.beta1], [cfg.beta2]]),
-                  m=np.zeros(S * n), v=np.zeros(S * n), bias=np.ones((2, S * M)),
-                  vmax=np.zeros(S * n if cfg.amsgrad else 0), last=_no_last_period(S * M))
+                  m=np.zeros(coords), v=np.zeros(coords), bias=np.ones((2, pairs)),
+                  vmax=np.zeros(coords if cfg.amsgrad else 0), last=_no_last_period(S * M))
 
 
 def _no_last_period(pairs: int) -> _LastPeriod:
     """No pair active in the last period (before the first one)."""
-    return _LastPeriod(np.full(pairs, -1), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((2, 0)),
-                 np.ones((2, 0)), None)
+    return _LastPeriod(np.full(pairs, -1), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
+                       np.zeros((2, 0)), np.ones((2, 0)), None)
 
 
 def _period(state: _State, mask: np.ndarray, cfg: SimConfig) -> np.ndarray:
